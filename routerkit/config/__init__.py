@@ -1,0 +1,83 @@
+"""Experiment configuration: YAML -> validated :class:`ExperimentConfig` -> built objects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from routerkit.config.schema import ExperimentConfig
+
+__all__ = ["ConfigError", "ExperimentConfig", "apply_overrides", "load_config", "parse_config"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the field and what was expected."""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a raw config dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"Override {item!r} must look like 'section.key=value'.")
+        path, _, text = item.partition("=")
+        keys = [k for k in path.strip().split(".") if k]
+        if not keys:
+            raise ConfigError(f"Override {item!r} has an empty key.")
+        node: Any = raw
+        for key in keys[:-1]:
+            if isinstance(node, list) and key.isdigit():
+                node = node[int(key)]
+                continue
+            if not isinstance(node, dict):
+                raise ConfigError(f"Override {item!r}: {key!r} is not a section.")
+            node = node.setdefault(key, {})
+        value = yaml.safe_load(text) if text.strip() else None
+        if isinstance(node, list) and keys[-1].isdigit():
+            node[int(keys[-1])] = value
+        elif isinstance(node, dict):
+            node[keys[-1]] = value
+        else:
+            raise ConfigError(f"Override {item!r}: cannot set {keys[-1]!r} inside a {type(node).__name__}.")
+    return raw
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem: ``field.path: message``."""
+    lines = [f"Invalid config {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; `routerkit validate --help` lists the sections)"
+        lines.append(f"  - {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
+    """Validate a raw mapping; raise :class:`ConfigError` with readable messages."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"Config {source} must be a mapping of sections, got {type(raw).__name__}.")
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read, override and validate an experiment YAML file.
+
+    Args:
+        path: YAML file.
+        overrides: ``key.sub=value`` strings applied before validation.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file {path} does not exist.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"Config file {path} is not valid YAML: {err}") from None
+    return parse_config(apply_overrides(raw, overrides or []), str(path))

@@ -1,0 +1,115 @@
+"""Turn a validated :class:`ExperimentConfig` into objects through the registries."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from routerkit._registry import import_object
+from routerkit.config import ConfigError
+from routerkit.config.schema import ExperimentConfig
+from routerkit.data import DataBundle, Split, paser_split
+from routerkit.models import Zoo, create_model
+from routerkit.partitioners import create_partitioner
+from routerkit.pipeline import RoutedPipeline
+from routerkit.rewards import AccuracyTerm, Reward, create_accuracy, create_reward
+from routerkit.routers import Router, create_router
+
+
+@dataclass
+class Experiment:
+    """Everything a run needs, built from a config."""
+
+    config: ExperimentConfig
+    data: DataBundle
+    parts: dict[str, Split]
+    pipeline: RoutedPipeline
+    router: Router
+    reward: Reward
+    accuracy: AccuracyTerm
+
+    @property
+    def zoo(self) -> Zoo:
+        """The task models."""
+        return self.pipeline.zoo
+
+
+def add_plugin_path(folder: str | Path) -> None:
+    """Make plugin packages next to a config file importable (``examples/battery_plugin``)."""
+    path = str(Path(folder).resolve())
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+
+def build_data(cfg: ExperimentConfig) -> DataBundle:
+    """Call the data plugin's factory and check what it returns."""
+    try:
+        factory = import_object(cfg.data.factory)
+    except ImportError as err:
+        raise ConfigError(f"data.factory: {err}") from None
+    bundle = factory(**cfg.data.params)
+    if not isinstance(bundle, DataBundle):
+        raise ConfigError(f"data.factory {cfg.data.factory!r} must return a routerkit.data.DataBundle, got {type(bundle).__name__}.")
+    return bundle
+
+
+def build_zoo(cfg: ExperimentConfig, in_channels: int, num_classes: int) -> Zoo:
+    """Build the task models; ``in_channels``/``num_classes`` are filled in where not given."""
+    models = {}
+    for i, m in enumerate(cfg.zoo.models):
+        params: dict[str, Any] = dict(m.params)
+        if m.model.startswith(("unet", "toy_segmenter", "smp")):
+            params.setdefault("in_channels", in_channels)
+            params.setdefault("num_classes", num_classes)
+        try:
+            models[m.name] = create_model(m.model, **params)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError(f"zoo.models.{i} ({m.name!r}): {err}") from None
+    return Zoo(models)
+
+
+def build_experiment(cfg: ExperimentConfig, data: DataBundle | None = None) -> Experiment:
+    """Build data, zoo, pipeline, router, reward and accuracy term from ``cfg``."""
+    torch.manual_seed(cfg.run.seed)
+    data = data if data is not None else build_data(cfg)
+    parts = paser_split(data.train, cfg.data.split_fractions, seed=cfg.run.seed)
+    input_shape = data.input_shape
+    try:
+        partitioner = create_partitioner(cfg.partitioner.name, **cfg.partitioner.params)
+        partitioner.unit_shape(input_shape)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"partitioner: {err}") from None
+    zoo = build_zoo(cfg, in_channels=input_shape[0], num_classes=data.num_classes)
+    try:
+        pipeline = RoutedPipeline(
+            zoo, partitioner, _component("uncertainty", cfg.uncertainty.name, cfg.uncertainty.params, "estimator"),
+            _component("cost", cfg.cost.name, cfg.cost.params, "cost"), input_shape,
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"uncertainty/cost: {err}") from None
+    spatial = len(input_shape) == 3 and data.train.targets.dim() == 3
+    try:
+        router = create_router(
+            cfg.router.name, num_actions=len(zoo), grid_shape=partitioner.grid_shape,
+            in_channels=data.num_classes + 1, spatial=spatial, **cfg.router.params,
+        )
+        reward = create_reward(cfg.reward.name, lam=cfg.reward.lam)
+        accuracy = create_accuracy(cfg.reward.accuracy, num_classes=data.num_classes, ignore_index=data.ignore_index)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"router/reward: {err}") from None
+    return Experiment(cfg, data, parts, pipeline, router, reward, accuracy)
+
+
+def _component(section: str, name: str, params: dict[str, Any], kind: str) -> Any:
+    from routerkit.costs import create_cost
+    from routerkit.uncertainty import create_estimator
+
+    factory = create_estimator if kind == "estimator" else create_cost
+    try:
+        return factory(name, **params)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"{section}: {err}") from None

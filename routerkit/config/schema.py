@@ -1,0 +1,173 @@
+"""Pydantic schema of an experiment YAML: one section per component, ``extra="forbid"``."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class RunConfig(_Section):
+    """Where and how a run executes."""
+
+    name: str = Field("run", description="Run name; the run directory is output_dir/name.")
+    output_dir: str = Field("runs", description="Parent folder of run directories (relative to the working directory).")
+    seed: int = 0
+    device: str = Field("cpu", description="torch device, e.g. 'cpu' or 'cuda'.")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default).")
+
+
+class DataConfig(_Section):
+    """A data plugin: a factory returning a :class:`routerkit.data.DataBundle`."""
+
+    factory: str = Field(..., description="Dotted path 'package.module:function' returning a DataBundle.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the factory.")
+    split_fractions: tuple[float, float, float] = Field(
+        (1 / 3, 1 / 3, 1 / 3), description="Shares of the training split for D_PT, D_RL and D_FT."
+    )
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _fractions(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(f <= 0 for f in v) or abs(sum(v) - 1.0) > 1e-6:
+            raise ValueError(f"split_fractions must be three positive numbers summing to 1 (D_PT, D_RL, D_FT), got {v}.")
+        return v
+
+
+class PartitionerConfig(_Section):
+    """How inputs are cut into routing units."""
+
+    name: str = Field("patch_grid", description="'patch_grid' or 'whole_input' (or a dotted path).")
+    params: dict[str, Any] = Field(default_factory=lambda: {"rows": 4, "cols": 4})
+
+
+class ModelConfig(_Section):
+    """One task model of the zoo."""
+
+    name: str = Field(..., description="Name used in tables and checkpoints.")
+    model: str = Field(..., description="Registered model name ('unet', 'unet_paper_large', 'smp', ...) or dotted path.")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class ZooConfig(_Section):
+    """The task models, cheapest first: ``models[0]`` is the base model f_0."""
+
+    models: list[ModelConfig] = Field(..., min_length=2)
+
+    @model_validator(mode="after")
+    def _unique(self) -> ZooConfig:
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"zoo.models names must be unique, got {names}.")
+        return self
+
+
+class ComponentConfig(_Section):
+    """A registered component by name with its keyword arguments."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class RewardConfig(_Section):
+    """PaSeR's reward ``(1 - lam) * (A(f_a) - A(f_0)) - lam * C(f_a)``."""
+
+    name: str = "paser"
+    lam: float = Field(0.5, ge=0.0, le=1.0, description="Trade-off lambda between accuracy gain and cost.")
+    accuracy: str = Field("iou", description="Per-unit accuracy term: 'iou', 'correct' or 'neg_ce'.")
+
+
+class OptimConfig(_Section):
+    """Settings shared by the stages."""
+
+    epochs: int = Field(1, ge=0)
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(32, ge=1)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class PretrainLargeConfig(OptimConfig):
+    """Stage 1a: large models on units of D_PT."""
+
+    augment: bool = True
+
+
+class PretrainBaseConfig(OptimConfig):
+    """Stage 1b: f_0 on whole inputs with distillation."""
+
+    beta: float = Field(0.01, ge=0, description="Weight of the MSE distillation to the largest model's logits.")
+    augment: bool = True
+
+
+class PolicyConfig(OptimConfig):
+    """Stage 2: REINFORCE on D_RL with replayed outputs."""
+
+    alpha_start: float = Field(0.7, ge=0, le=1)
+    alpha_end: float = Field(0.95, ge=0, le=1)
+    baseline: Literal["none", "mean", "expected"] = "expected"
+    credit: Literal["unit", "input"] = "unit"
+    entropy_coef: float = Field(0.0, ge=0)
+
+
+class FinetuneConfig(OptimConfig):
+    """Stage 3: joint fine-tuning of the large models and the policy on D_FT."""
+
+    alpha_start: float = Field(0.95, ge=0, le=1)
+    alpha_end: float = Field(1.0, ge=0, le=1)
+    baseline: Literal["none", "mean"] = "mean"
+    credit: Literal["unit", "input"] = "unit"
+    entropy_coef: float = Field(0.0, ge=0)
+    large_lr: float | None = Field(None, gt=0, description="Learning rate of the large models (default: lr).")
+    large_on: Literal["routed", "all"] = "routed"
+
+
+class TrainingConfig(_Section):
+    """The stages of PaSeR's Algorithm 1."""
+
+    pretrain_large: PretrainLargeConfig = Field(default_factory=PretrainLargeConfig)
+    pretrain_base: PretrainBaseConfig = Field(default_factory=PretrainBaseConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+
+
+class EvaluationConfig(_Section):
+    """What the final table compares."""
+
+    split: Literal["val", "test"] = "test"
+    batch_size: int = Field(16, ge=1)
+    baselines: list[Literal["single", "random"]] = Field(default_factory=lambda: ["single", "random"])
+    random_seed: int = 0
+
+
+class ExperimentConfig(_Section):
+    """A whole experiment: ``routerkit train`` reads one of these from YAML."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig
+    partitioner: PartitionerConfig = Field(default_factory=PartitionerConfig)
+    zoo: ZooConfig
+    uncertainty: ComponentConfig = Field(default_factory=lambda: ComponentConfig(name="mc_dropout", params={"num_passes": 20}))
+    cost: ComponentConfig = Field(default_factory=lambda: ComponentConfig(name="param_share"))
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    router: ComponentConfig = Field(default_factory=lambda: ComponentConfig(name="paser"))
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> ExperimentConfig:
+        if self.uncertainty.name == "mc_dropout":
+            base = self.zoo.models[0]
+            if float(base.params.get("dropout", 0.0) or 0.0) <= 0.0 and base.model.startswith(("unet", "toy")):
+                raise ValueError(
+                    "uncertainty.name is 'mc_dropout' but zoo.models[0] (the base model f_0) has no dropout: "
+                    "set zoo.models[0].params.dropout (e.g. 0.1) or use uncertainty.name: softmax_entropy."
+                )
+        for stage in ("policy", "finetune"):
+            s = getattr(self.training, stage)
+            if s.alpha_end < s.alpha_start:
+                raise ValueError(f"training.{stage}.alpha_end ({s.alpha_end}) must be >= alpha_start ({s.alpha_start}).")
+        return self

@@ -1,0 +1,147 @@
+"""Batched execution of routing decisions and FLOP accounting.
+
+The executor groups units by the model chosen for them, runs each model **once** on its
+stacked units and scatters the outputs back: the only Python loop is over the m models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from routerkit.flops import count_flops
+from routerkit.models import Zoo
+from routerkit.partitioners import Partitioner
+
+
+@dataclass
+class Execution:
+    """Result of running routed units.
+
+    Attributes:
+        unit_probs: ``[B * P, K, ...]`` probabilities of every unit (from its chosen model).
+        logits: For each model index ``i >= 1`` that ran, ``(unit_index, logits)``; the logits
+            keep their autograd graph when the executor ran with gradients.
+    """
+
+    unit_probs: Tensor
+    logits: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+
+class Executor:
+    """Runs each chosen model once per batch on the units routed to it.
+
+    Args:
+        zoo: The task models.
+        partitioner: How inputs are cut into units.
+        max_units: Optional cap on units per forward (memory); larger groups are chunked.
+    """
+
+    def __init__(self, zoo: Zoo, partitioner: Partitioner, max_units: int | None = None) -> None:
+        if max_units is not None and max_units < 1:
+            raise ValueError(f"Expected max_units >= 1 or None but got {max_units}.")
+        self.zoo = zoo
+        self.partitioner = partitioner
+        self.max_units = max_units
+
+    def run(self, units: Tensor, actions: Tensor, base_unit_probs: Tensor | None) -> Execution:
+        """Execute decisions on already-split units.
+
+        Args:
+            units: ``[B * P, C, ...]`` inputs of the units.
+            actions: ``[B, P]`` chosen model per unit.
+            base_unit_probs: ``[B * P, K, ...]`` probabilities of ``f_0`` per unit (used for action
+                0), or ``None`` when no unit chose ``f_0``.
+
+        Returns:
+            The per-unit probabilities and the logits of each model that ran.
+        """
+        flat = actions.reshape(-1)
+        if flat.shape[0] != units.shape[0]:
+            raise ValueError(f"Expected one action per unit ({units.shape[0]}) but got {flat.shape[0]}.")
+        if base_unit_probs is None and bool((flat == 0).any()):
+            raise ValueError("Some units chose f_0 but no base-model output was given.")
+        out: Tensor | None = None if base_unit_probs is None else base_unit_probs.clone()
+        logits: dict[int, tuple[Tensor, Tensor]] = {}
+        for index in range(1, len(self.zoo)):
+            idx = torch.nonzero(flat == index, as_tuple=True)[0]
+            if idx.numel() == 0:
+                continue
+            z = self._forward(self.zoo[index], units[idx])
+            logits[index] = (idx, z)
+            probs = torch.softmax(z.detach().float(), dim=1)
+            if out is None:
+                out = probs.new_zeros((units.shape[0], *probs.shape[1:]))
+            out[idx] = probs
+        if out is None:
+            raise ValueError("No unit was routed anywhere (empty batch?).")
+        return Execution(out, logits)
+
+    def _forward(self, model: nn.Module, units: Tensor) -> Tensor:
+        step = self.max_units or units.shape[0]
+        outs: list[Tensor] = [model(units[i : i + step]) for i in range(0, units.shape[0], step)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+class FlopAccountant:
+    """Counts, with fvcore, the FLOPs of everything that runs for one input.
+
+    Per input: ``base_passes x FLOPs(f_0 on the whole input)`` + ``FLOPs(policy on the state)``
+    + ``sum_i units_i x FLOPs(f_i on one unit)``. fvcore convention: one multiply-add = one flop.
+
+    Args:
+        zoo: The task models.
+        partitioner: The unit partitioner.
+        input_shape: Shape of one input (no batch dim).
+    """
+
+    def __init__(self, zoo: Zoo, partitioner: Partitioner, input_shape: tuple[int, ...]) -> None:
+        self.zoo = zoo
+        self.partitioner = partitioner
+        self.input_shape = tuple(input_shape)
+        self.unit_shape = partitioner.unit_shape(self.input_shape)
+        self._unit_flops: list[int] | None = None
+        self._base_flops: int | None = None
+        self._module_flops: dict[int, int] = {}
+
+    @property
+    def base_flops(self) -> int:
+        """FLOPs of one pass of ``f_0`` on one whole input."""
+        if self._base_flops is None:
+            self._base_flops = count_flops(self.zoo.base, self.input_shape)
+        return self._base_flops
+
+    @property
+    def unit_flops(self) -> list[int]:
+        """FLOPs of each model on one unit."""
+        if self._unit_flops is None:
+            self._unit_flops = [count_flops(m, self.unit_shape) for m in self.zoo]
+        return self._unit_flops
+
+    def module_flops(self, module: nn.Module | None, input_shape: tuple[int, ...]) -> int:
+        """FLOPs of an extra per-input module (a policy network); cached per module."""
+        if module is None:
+            return 0
+        key = id(module)
+        if key not in self._module_flops:
+            self._module_flops[key] = count_flops(module, input_shape)
+        return self._module_flops[key]
+
+    def per_input(self, base_passes: int, policy_flops: int, unit_counts: Tensor) -> Tensor:
+        """FLOPs of each input.
+
+        Args:
+            base_passes: Forwards of ``f_0`` on the whole input (0, 1 or the MC passes).
+            policy_flops: FLOPs of the router's network per input.
+            unit_counts: ``[B, m + 1]`` units per input sent to each model (column 0 is free:
+                ``f_0`` already ran on the whole input).
+
+        Returns:
+            ``[B]`` float64 FLOPs.
+        """
+        per_unit = torch.tensor(self.unit_flops, dtype=torch.float64)
+        per_unit[0] = 0.0
+        routed = (unit_counts.double().cpu() * per_unit).sum(-1)
+        return routed + float(base_passes * self.base_flops + policy_flops)

@@ -1,0 +1,171 @@
+"""The routed inference pipeline: base model -> state -> router -> executor -> stitch -> FLOPs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from routerkit.costs import CostModel
+from routerkit.executor import Execution, Executor, FlopAccountant
+from routerkit.models import Zoo
+from routerkit.partitioners import Partitioner
+from routerkit.routers.base import Router
+from routerkit.uncertainty import BaseOutput, SoftmaxEntropy, UncertaintyEstimator
+
+
+@dataclass
+class RoutedOutput:
+    """One routed batch.
+
+    Attributes:
+        probs: ``[B, K, ...]`` stitched probabilities.
+        actions: ``[B, P]`` chosen model per unit.
+        flops: ``[B]`` FLOPs spent per input (fvcore: one multiply-add = one flop).
+        base: The base model's output the router saw.
+        execution: Per-unit results (for training).
+    """
+
+    probs: Tensor
+    actions: Tensor
+    flops: Tensor
+    base: BaseOutput
+    execution: Execution
+
+    @property
+    def pred(self) -> Tensor:
+        """Arg-max prediction ``[B, ...]``."""
+        return self.probs.argmax(1)
+
+
+class RoutedPipeline:
+    """Everything needed to route a batch, shared by every router.
+
+    Args:
+        zoo: Task models; ``zoo[0]`` is the base model ``f_0``.
+        partitioner: Cuts inputs into units.
+        estimator: Produces the router state from ``f_0``.
+        cost_model: Normalised per-unit costs for rewards.
+        input_shape: Shape of one input without batch (for FLOP accounting and unit shapes).
+        max_units: Optional cap on units per model forward.
+
+    Example:
+        >>> import torch
+        >>> from routerkit import PatchGrid, RoutedPipeline, Zoo, create_router
+        >>> from routerkit.models import ToySegmenter
+        >>> zoo = Zoo([ToySegmenter(width=2, dropout=0.2), ToySegmenter(width=8)])
+        >>> pipe = RoutedPipeline(zoo, PatchGrid(2, 2), "mc_dropout", "flops", (1, 8, 8))
+        >>> router = create_router("random", num_actions=2, grid_shape=(2, 2))
+        >>> out = pipe(torch.randn(3, 1, 8, 8), router)
+        >>> out.probs.shape, out.actions.shape
+        (torch.Size([3, 2, 8, 8]), torch.Size([3, 4]))
+    """
+
+    def __init__(
+        self,
+        zoo: Zoo,
+        partitioner: Partitioner,
+        estimator: UncertaintyEstimator | str,
+        cost_model: CostModel | str,
+        input_shape: tuple[int, ...],
+        max_units: int | None = None,
+    ) -> None:
+        from routerkit.costs import create_cost
+        from routerkit.uncertainty import create_estimator
+
+        self.zoo = zoo
+        self.partitioner = partitioner
+        self.estimator = create_estimator(estimator)
+        self.cost_model = create_cost(cost_model)
+        self.input_shape = tuple(input_shape)
+        self.unit_shape = partitioner.unit_shape(self.input_shape)
+        self.executor = Executor(zoo, partitioner, max_units)
+        self.accountant = FlopAccountant(zoo, partitioner, self.input_shape)
+        self._costs: Tensor | None = None
+
+    @property
+    def num_actions(self) -> int:
+        """Models m + 1."""
+        return len(self.zoo)
+
+    @property
+    def costs(self) -> Tensor:
+        """``[m + 1]`` normalised unit costs from the cost model (cached)."""
+        if self._costs is None:
+            self._costs = self.cost_model.costs(self.zoo, self.unit_shape)
+        return self._costs
+
+    def check_input(self, x: Tensor, name: str = "images") -> None:
+        """Raise a clear error if ``x`` is not a batch of inputs of the configured shape."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"Expected {name} to be a torch.Tensor but got {type(x).__name__}.")
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"Expected {name} of shape [B, {', '.join(map(str, self.input_shape))}] but got {list(x.shape)}.")
+        if not torch.is_floating_point(x):
+            raise ValueError(f"Expected {name} to be floating point but got {x.dtype}.")
+
+    def base_passes(self, router: Router) -> int:
+        """Forwards of ``f_0`` on the whole input that routing with ``router`` costs."""
+        if not getattr(router, "uses_base", True):
+            return 0
+        return self.estimator.num_passes if router.uses_uncertainty else 1
+
+    def base_output(self, x: Tensor, router: Router) -> BaseOutput:
+        """Run ``f_0`` as ``router`` needs it (MC passes, one pass, or not at all)."""
+        passes = self.base_passes(router)
+        if passes == 0:
+            zeros = x.new_zeros((x.shape[0], 1, *x.shape[2:]))  # f_0 not needed: placeholder state
+            return BaseOutput(zeros, zeros[:, 0])
+        if router.uses_uncertainty:
+            return self.estimator(self.zoo.base, x)
+        return SoftmaxEntropy()(self.zoo.base, x)
+
+    def policy_flops(self, router: Router, base: BaseOutput) -> int:
+        """FLOPs of the router's own network per input."""
+        module = router.flops_module()
+        if module is None:
+            return 0
+        state = router.state_tensor(base) if hasattr(router, "state_tensor") else base.state()
+        return self.accountant.module_flops(module, tuple(state.shape[1:]))
+
+    def route(
+        self, x: Tensor, router: Router, greedy: bool = True, generator: torch.Generator | None = None
+    ) -> RoutedOutput:
+        """Route a batch end to end.
+
+        Args:
+            x: ``[B, *input_shape]`` inputs.
+            router: The strategy deciding per unit.
+            greedy: Arg-max decisions (evaluation) rather than samples.
+            generator: Random generator for sampled decisions.
+
+        Returns:
+            Stitched probabilities, decisions and FLOPs per input.
+        """
+        self.check_input(x)
+        base = self.base_output(x, router)
+        with torch.no_grad():
+            actions = router.route(base, greedy=greedy, generator=generator)
+        return self.execute(x, base, actions, router)
+
+    __call__ = route
+
+    def execute(self, x: Tensor, base: BaseOutput, actions: Tensor, router: Router | None = None) -> RoutedOutput:
+        """Run given decisions ``actions [B, P]`` on ``x`` with the base output ``base``."""
+        batch = x.shape[0]
+        units = self.partitioner.split(x)
+        base_units = self.partitioner.split(base.probs) if self.base_passes_needed(actions) else None
+        execution = self.executor.run(units, actions, base_units)
+        probs = self.partitioner.stitch(execution.unit_probs, batch)
+        counts = F.one_hot(actions, self.num_actions).sum(1)
+        passes = self.base_passes(router) if router is not None else self.estimator.num_passes
+        policy = self.policy_flops(router, base) if router is not None else 0
+        flops = self.accountant.per_input(passes, policy, counts)
+        return RoutedOutput(probs, actions, flops, base, execution)
+
+    @staticmethod
+    def base_passes_needed(actions: Tensor) -> bool:
+        """Whether any unit uses ``f_0``'s output."""
+        return bool((actions == 0).any())

@@ -1,0 +1,80 @@
+"""PaSeR's non-cascading REINFORCE router (Srikishan et al., AAAI 2024)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from routerkit.routers.base import Router, register_router
+from routerkit.routers.policy_nets import ConvPolicy, MLPPolicy
+from routerkit.uncertainty import BaseOutput
+
+
+@register_router("paser")
+class PaSeRRouter(Router):
+    """A policy network on ``[f_0 probabilities, uncertainty]`` choosing a model per unit.
+
+    The state's uncertainty channel is divided by ``log K`` (the maximum entropy) so it lies in
+    [0, 1] whatever the number of classes. Decisions are the arg-max at evaluation
+    (``greedy=True``) and samples from the policy during training. Training (REINFORCE with
+    the explore/exploit schedule) lives in :mod:`routerkit.training`.
+
+    Args:
+        num_actions: Models m + 1.
+        grid_shape: ``(rows, cols)`` unit grid.
+        in_channels: State channels (K + 1).
+        spatial: Spatial (conv policy) or vector (MLP policy) state.
+        width: Conv policy width (``hidden`` for the MLP policy).
+        init_bias: Optional initial logit of each action (e.g. a prior towards ``f_0``).
+    """
+
+    is_trainable = True
+
+    def __init__(
+        self,
+        num_actions: int,
+        grid_shape: tuple[int, int] = (1, 1),
+        in_channels: int = 4,
+        spatial: bool = True,
+        width: int = 12,
+        init_bias: list[float] | None = None,
+    ) -> None:
+        super().__init__(num_actions, grid_shape, in_channels, spatial)
+        self.policy: nn.Module
+        if spatial:
+            self.policy = ConvPolicy(in_channels, num_actions, self.grid_shape, width)
+            head = self.policy.head
+        else:
+            if self.grid_shape != (1, 1):
+                raise ValueError(f"A vector (non-spatial) state supports one unit per input, got grid {self.grid_shape}.")
+            self.policy = MLPPolicy(in_channels, num_actions, hidden=max(width, 8) * 4)
+            head = self.policy.net[-1]
+        if init_bias is not None:
+            if len(init_bias) != num_actions:
+                raise ValueError(f"Expected init_bias of length {num_actions} but got {len(init_bias)}.")
+            with torch.no_grad():
+                head.bias.copy_(torch.as_tensor(init_bias, dtype=torch.float32))
+        self.register_buffer("entropy_scale", torch.tensor(1.0 / math.log(max(in_channels - 1, 2))))
+
+    def state_tensor(self, state: BaseOutput) -> Tensor:
+        """The policy input ``[B, K + 1, ...]`` (uncertainty scaled to [0, 1])."""
+        return torch.cat([state.probs, (state.uncertainty * self.entropy_scale).unsqueeze(1)], dim=1)
+
+    def logits(self, state: BaseOutput) -> Tensor:
+        """Per-unit action logits ``[B, P, A]``."""
+        x = self.state_tensor(state)
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"Expected a state with {self.in_channels} channels (K + 1) but got {x.shape[1]}.")
+        return self.policy(x)
+
+    def _route(self, state: BaseOutput, greedy: bool, generator: torch.Generator | None) -> Tensor:
+        logits = self.logits(state)
+        if greedy:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits.float(), dim=-1).reshape(-1, self.num_actions)
+        return torch.multinomial(probs, 1, generator=generator).reshape(logits.shape[:2])
+
+    def flops_module(self) -> nn.Module:
+        return self.policy

@@ -1,0 +1,401 @@
+"""The three training stages of PaSeR's Algorithm 1, as resumable epoch-by-epoch stages.
+
+1. :class:`LargeModelPretraining`: each costlier model ``f_1..f_m`` on units of D_PT (cross-entropy).
+2. :class:`BaseModelPretraining`: ``f_0`` on whole inputs of D_PT, cross-entropy plus
+   ``beta`` x MSE distillation to the largest model's logits (Eq. 1).
+3. :class:`PolicyTraining`: REINFORCE on D_RL. Task models are frozen, so their per-unit
+   accuracies are computed once and *replayed*; an epoch then costs only the policy.
+4. :class:`JointFineTuning`: large models and policy together on D_FT.
+
+Each stage exposes ``run_epoch(epoch) -> dict of logged scalars`` and ``state_dict()`` /
+``load_state_dict()`` (modules + optimisers) so the runner can checkpoint after every epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from routerkit.data import Split
+from routerkit.functional import explore_exploit_sample, linear_schedule, reinforce_loss
+from routerkit.pipeline import RoutedPipeline
+from routerkit.rewards import AccuracyTerm, Reward
+from routerkit.routers.paser import PaSeRRouter
+
+
+def _augment(images: Tensor, targets: Tensor, generator: torch.Generator, *extra: Tensor) -> tuple[Tensor, ...]:
+    """Random horizontal / vertical flips of a segmentation batch (same flip per batch)."""
+    out = (images, targets, *extra)
+    if images.dim() != 4 or targets.dim() != 3:
+        return out
+    if bool(torch.rand((), generator=generator) < 0.5):
+        out = tuple(t.flip(-1) for t in out)
+    if bool(torch.rand((), generator=generator) < 0.5):
+        out = tuple(t.flip(-2) for t in out)
+    return out
+
+
+def _ce(logits: Tensor, targets: Tensor, ignore_index: int | None) -> Tensor:
+    return F.cross_entropy(logits, targets, ignore_index=-100 if ignore_index is None else ignore_index)
+
+
+@dataclass
+class StageSettings:
+    """Common optimisation settings of a stage."""
+
+    epochs: int
+    lr: float
+    batch_size: int
+    weight_decay: float = 0.0
+
+
+class Stage:
+    """Base of the resumable stages: named optimisers and modules, epoch loop hooks."""
+
+    name: str = "stage"
+
+    def __init__(self, settings: StageSettings, seed: int) -> None:
+        if settings.epochs < 0 or settings.batch_size < 1 or settings.lr <= 0:
+            raise ValueError(f"Expected epochs >= 0, batch_size >= 1 and lr > 0 for stage {self.name!r} but got {settings}.")
+        self.settings = settings
+        self.generator = torch.Generator().manual_seed(seed)
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.modules: dict[str, nn.Module] = {}
+
+    def run_epoch(self, epoch: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def num_steps(self) -> int:
+        """Optimisation steps per epoch (for progress bars)."""
+        return 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "modules": {k: m.state_dict() for k, m in self.modules.items()},
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, m in self.modules.items():
+            m.load_state_dict(state["modules"][k])
+        for k, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+        self.generator.set_state(state["generator"].to(torch.uint8))
+
+
+class LargeModelPretraining(Stage):
+    """Stage 1a: each costlier model on the units of D_PT with cross-entropy."""
+
+    name = "pretrain_large"
+
+    def __init__(
+        self, pipeline: RoutedPipeline, data: Split, settings: StageSettings, seed: int,
+        ignore_index: int | None = None, augment: bool = True,
+    ) -> None:
+        super().__init__(settings, seed)
+        self.pipeline, self.data, self.ignore_index, self.augment = pipeline, data, ignore_index, augment
+        for i in range(1, len(pipeline.zoo)):
+            key = pipeline.zoo.names[i]
+            self.modules[key] = pipeline.zoo[i]
+            self.optimizers[key] = torch.optim.Adam(pipeline.zoo[i].parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+
+    def num_steps(self) -> int:
+        return -(-len(self.data) // self.settings.batch_size) * (len(self.pipeline.zoo) - 1)
+
+    def run_epoch(self, epoch: int) -> dict[str, float]:
+        part = self.pipeline.partitioner
+        logs: dict[str, float] = {}
+        for i in range(1, len(self.pipeline.zoo)):
+            model, key = self.pipeline.zoo[i], self.pipeline.zoo.names[i]
+            model.train()
+            total, count = 0.0, 0
+            for images, targets in self.data.batches(self.settings.batch_size, shuffle=True, generator=self.generator):
+                if self.augment:
+                    images, targets = _augment(images, targets, self.generator)[:2]
+                units, unit_targets = part.split(images), part.split(targets)
+                loss = _ce(model(units), unit_targets, self.ignore_index)
+                self.optimizers[key].zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizers[key].step()
+                total, count = total + float(loss) * len(images), count + len(images)
+            logs[f"losses/ce_{key}"] = total / max(count, 1)
+        return logs
+
+
+class BaseModelPretraining(Stage):
+    """Stage 1b: ``f_0`` on whole inputs, CE + ``beta`` x MSE to the largest model's logits."""
+
+    name = "pretrain_base"
+
+    def __init__(
+        self, pipeline: RoutedPipeline, data: Split, settings: StageSettings, seed: int, beta: float = 0.01,
+        ignore_index: int | None = None, augment: bool = True, teacher_batch: int = 16,
+    ) -> None:
+        super().__init__(settings, seed)
+        if beta < 0:
+            raise ValueError(f"Expected beta >= 0 but got {beta}.")
+        self.pipeline, self.data, self.beta, self.ignore_index, self.augment = pipeline, data, beta, ignore_index, augment
+        self.teacher_batch = teacher_batch
+        self.modules["f0"] = pipeline.zoo.base
+        self.optimizers["f0"] = torch.optim.Adam(pipeline.zoo.base.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        self._teacher: Tensor | None = None
+
+    def num_steps(self) -> int:
+        return -(-len(self.data) // self.settings.batch_size)
+
+    @torch.no_grad()
+    def teacher_logits(self) -> Tensor:
+        """Logits of the largest model ``f_m`` on D_PT (run on its units, stitched), computed once."""
+        if self._teacher is None:
+            part, teacher = self.pipeline.partitioner, self.pipeline.zoo[len(self.pipeline.zoo) - 1]
+            teacher.eval()
+            chunks = []
+            for images, _ in self.data.batches(self.teacher_batch):
+                chunks.append(part.stitch(teacher(part.split(images)), images.shape[0]))
+            self._teacher = torch.cat(chunks)
+        return self._teacher
+
+    def run_epoch(self, epoch: int) -> dict[str, float]:
+        model = self.pipeline.zoo.base
+        teacher = self.teacher_logits() if self.beta > 0 else None
+        model.train()
+        totals = {"ce": 0.0, "kd": 0.0}
+        n = len(self.data)
+        order = torch.randperm(n, generator=self.generator)
+        for start in range(0, n, self.settings.batch_size):
+            idx = order[start : start + self.settings.batch_size]
+            images, targets = self.data.images[idx], self.data.targets[idx]
+            extra = (teacher[idx],) if teacher is not None else ()
+            if self.augment:
+                images, targets, *rest = _augment(images, targets, self.generator, *extra)
+                extra = tuple(rest)
+            logits = model(images)
+            ce = _ce(logits, targets, self.ignore_index)
+            kd = F.mse_loss(logits, extra[0]) if extra else logits.new_zeros(())
+            loss = ce + self.beta * kd
+            self.optimizers["f0"].zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizers["f0"].step()
+            totals["ce"] += float(ce) * len(idx)
+            totals["kd"] += float(kd) * len(idx)
+        return {"losses/ce_f0": totals["ce"] / n, "losses/kd_f0": totals["kd"] / n}
+
+
+def _baseline(kind: str, rewards: Tensor, expected: Tensor | None) -> Tensor:
+    if kind == "none":
+        return torch.zeros_like(rewards)
+    if kind == "expected" and expected is not None:
+        return expected
+    return rewards.mean().expand_as(rewards)
+
+
+def _policy_step(
+    router: PaSeRRouter, logits: Tensor, actions: Tensor, rewards: Tensor, baseline: Tensor, credit: str, entropy_coef: float
+) -> tuple[Tensor, dict[str, float]]:
+    """REINFORCE loss for per-unit actions (cleanrl-style named quantities)."""
+    log_probs_all = torch.log_softmax(logits, dim=-1)
+    log_probs = log_probs_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1)  # [B, P]
+    advantages = rewards - baseline
+    if credit == "input":  # the paper's form: every unit's log-prob weighted by the input's total reward
+        advantages = advantages.sum(1, keepdim=True).expand_as(advantages)
+    pg_loss = reinforce_loss(log_probs, advantages)
+    entropy_bonus = -(log_probs_all.exp() * log_probs_all).sum(-1).mean()
+    loss = pg_loss - entropy_coef * entropy_bonus
+    return loss, {"losses/pg_loss": float(pg_loss), "losses/entropy": float(entropy_bonus)}
+
+
+class PolicyTraining(Stage):
+    """Stage 2: REINFORCE on D_RL with replayed task-model outputs.
+
+    The frozen models' per-unit accuracies ``[N, P, m + 1]`` and the base state are computed
+    once in :meth:`build_cache`; each epoch samples actions with PaSeR's explore/exploit rule
+    (``alpha`` linear from ``alpha_start`` to ``alpha_end`` over the epochs), looks rewards up
+    and updates the policy.
+
+    Args:
+        pipeline: The routed pipeline.
+        router: The PaSeR router to train.
+        reward: Reward function.
+        accuracy: Per-unit accuracy term.
+        data: D_RL.
+        settings: Optimisation settings.
+        seed: Random seed.
+        alpha_start: Explore/exploit alpha at the first epoch (PaSeR: 0.7).
+        alpha_end: Alpha at the last epoch (PaSeR: 0.95).
+        baseline: ``"none"``, ``"mean"`` (batch mean reward) or ``"expected"`` (the policy's exact
+            expected reward per unit, available because all outputs are replayed).
+        credit: ``"unit"`` (each unit's log-prob times its own reward) or ``"input"`` (times the
+            input's summed reward, as written in the paper).
+        entropy_coef: Weight of the entropy bonus.
+    """
+
+    name = "policy"
+
+    def __init__(
+        self, pipeline: RoutedPipeline, router: PaSeRRouter, reward: Reward, accuracy: AccuracyTerm, data: Split,
+        settings: StageSettings, seed: int, alpha_start: float = 0.7, alpha_end: float = 0.95,
+        baseline: str = "expected", credit: str = "unit", entropy_coef: float = 0.0, cache_batch: int = 16,
+    ) -> None:
+        super().__init__(settings, seed)
+        if baseline not in ("none", "mean", "expected"):
+            raise ValueError(f"Expected baseline 'none', 'mean' or 'expected' but got {baseline!r}.")
+        if credit not in ("unit", "input"):
+            raise ValueError(f"Expected credit 'unit' or 'input' but got {credit!r}.")
+        self.pipeline, self.router, self.reward, self.accuracy, self.data = pipeline, router, reward, accuracy, data
+        self.alpha_start, self.alpha_end = alpha_start, alpha_end
+        self.baseline, self.credit, self.entropy_coef, self.cache_batch = baseline, credit, entropy_coef, cache_batch
+        self.modules["router"] = router
+        self.optimizers["router"] = torch.optim.Adam(router.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        self._cache: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def num_steps(self) -> int:
+        return -(-len(self.data) // self.settings.batch_size)
+
+    @torch.no_grad()
+    def build_cache(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(probs [N, K, ...], uncertainty [N, ...], accuracy [N, P, m + 1])`` of D_RL, computed once."""
+        if self._cache is None:
+            self._cache = replay_cache(self.pipeline, self.accuracy, self.data, self.cache_batch)
+        return self._cache
+
+    def run_epoch(self, epoch: int) -> dict[str, float]:
+        from routerkit.uncertainty import BaseOutput
+
+        probs, unc, acc = self.build_cache()
+        costs = self.pipeline.costs
+        alpha = linear_schedule(self.alpha_start, self.alpha_end, epoch, self.settings.epochs)
+        self.router.train()
+        n = probs.shape[0]
+        order = torch.randperm(n, generator=self.generator)
+        sums: dict[str, float] = {}
+        for start in range(0, n, self.settings.batch_size):
+            idx = order[start : start + self.settings.batch_size]
+            logits = self.router.logits(BaseOutput(probs[idx], unc[idx]))
+            actions = explore_exploit_sample(logits, alpha, self.generator)
+            table = acc[idx]  # [B, P, A]
+            all_rewards = self.reward(table, table[..., :1].expand_as(table), costs.expand_as(table))
+            rewards = all_rewards.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+            expected = (torch.softmax(logits.detach(), -1) * all_rewards).sum(-1)
+            loss, logs = _policy_step(
+                self.router, logits, actions, rewards, _baseline(self.baseline, rewards, expected), self.credit, self.entropy_coef
+            )
+            self.optimizers["router"].zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizers["router"].step()
+            logs["charts/mean_reward"] = float(rewards.mean())
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v * len(idx)
+        out = {k: v / n for k, v in sums.items()}
+        out["charts/alpha"] = alpha
+        return out
+
+
+@torch.no_grad()
+def replay_cache(
+    pipeline: RoutedPipeline, accuracy: AccuracyTerm, data: Split, batch_size: int = 16
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Base state and per-unit accuracy of every model on ``data``, for replayed policy training.
+
+    Returns:
+        ``(probs [N, K, ...], uncertainty [N, ...], accuracy [N, P, m + 1])``.
+    """
+    pipeline.zoo.eval()
+    part, m1 = pipeline.partitioner, len(pipeline.zoo)
+    probs_l, unc_l, acc_l = [], [], []
+    for images, targets in data.batches(batch_size):
+        base = pipeline.estimator(pipeline.zoo.base, images)
+        units, unit_targets = part.split(images), part.split(targets)
+        per_model = [accuracy(part.split(base.probs), unit_targets)]
+        for i in range(1, m1):
+            per_model.append(accuracy(torch.softmax(pipeline.zoo[i](units).float(), 1), unit_targets))
+        acc_l.append(torch.stack(per_model, -1).reshape(images.shape[0], part.num_units, m1))
+        probs_l.append(base.probs)
+        unc_l.append(base.uncertainty)
+    return torch.cat(probs_l), torch.cat(unc_l), torch.cat(acc_l)
+
+
+class JointFineTuning(Stage):
+    """Stage 3: large models and policy together on D_FT (alpha ``alpha_start -> alpha_end``).
+
+    Per batch: ``f_0`` (frozen) gives the state, the policy samples a model per unit with the
+    explore/exploit rule, the executor runs each large model on its units *with gradients*;
+    each large model takes a cross-entropy step on the units routed to it (or on all units
+    with ``large_on="all"``), and the policy a REINFORCE step on the realised rewards.
+    """
+
+    name = "finetune"
+
+    def __init__(
+        self, pipeline: RoutedPipeline, router: PaSeRRouter, reward: Reward, accuracy: AccuracyTerm, data: Split,
+        settings: StageSettings, seed: int, alpha_start: float = 0.95, alpha_end: float = 1.0,
+        baseline: str = "mean", credit: str = "unit", entropy_coef: float = 0.0, large_lr: float | None = None,
+        large_on: str = "routed", ignore_index: int | None = None,
+    ) -> None:
+        super().__init__(settings, seed)
+        if large_on not in ("routed", "all"):
+            raise ValueError(f"Expected large_on 'routed' or 'all' but got {large_on!r}.")
+        if baseline not in ("none", "mean", "expected"):
+            raise ValueError(f"Expected baseline 'none', 'mean' or 'expected' but got {baseline!r}.")
+        self.pipeline, self.router, self.reward, self.accuracy, self.data = pipeline, router, reward, accuracy, data
+        self.alpha_start, self.alpha_end, self.baseline, self.credit = alpha_start, alpha_end, baseline, credit
+        self.entropy_coef, self.large_on, self.ignore_index = entropy_coef, large_on, ignore_index
+        self.modules["router"] = router
+        self.optimizers["router"] = torch.optim.Adam(router.parameters(), lr=settings.lr)
+        for i in range(1, len(pipeline.zoo)):
+            key = pipeline.zoo.names[i]
+            self.modules[key] = pipeline.zoo[i]
+            self.optimizers[key] = torch.optim.Adam(pipeline.zoo[i].parameters(), lr=large_lr or settings.lr)
+
+    def num_steps(self) -> int:
+        return -(-len(self.data) // self.settings.batch_size)
+
+    def run_epoch(self, epoch: int) -> dict[str, float]:
+        part, zoo, costs = self.pipeline.partitioner, self.pipeline.zoo, self.pipeline.costs
+        alpha = linear_schedule(self.alpha_start, self.alpha_end, epoch, self.settings.epochs)
+        zoo.base.eval()
+        sums: dict[str, float] = {}
+        n = len(self.data)
+        for images, targets in self.data.batches(self.settings.batch_size, shuffle=True, generator=self.generator):
+            base = self.pipeline.estimator(zoo.base, images)
+            self.router.train()
+            logits = self.router.logits(base)
+            actions = explore_exploit_sample(logits, alpha, self.generator)
+            for i in range(1, len(zoo)):
+                zoo[i].train()
+            units, unit_targets = part.split(images), part.split(targets)
+            execution = self.pipeline.executor.run(units, actions, part.split(base.probs))
+            # Large models: cross-entropy on their units.
+            logs: dict[str, float] = {}
+            for i, (idx, z) in execution.logits.items():
+                key = zoo.names[i]
+                if self.large_on == "all":
+                    z = zoo[i](units)
+                    idx = torch.arange(units.shape[0])
+                loss_i = _ce(z, unit_targets[idx], self.ignore_index)
+                self.optimizers[key].zero_grad(set_to_none=True)
+                loss_i.backward()
+                self.optimizers[key].step()
+                logs[f"losses/ce_{key}"] = float(loss_i)
+            # Policy: REINFORCE on realised per-unit rewards.
+            with torch.no_grad():
+                acc_chosen = self.accuracy(execution.unit_probs, unit_targets).reshape(actions.shape)
+                acc_base = self.accuracy(part.split(base.probs), unit_targets).reshape(actions.shape)
+                rewards = self.reward(acc_chosen, acc_base, costs[actions])
+            loss, pg_logs = _policy_step(
+                self.router, logits, actions, rewards, _baseline(self.baseline, rewards, None), self.credit, self.entropy_coef
+            )
+            self.optimizers["router"].zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizers["router"].step()
+            logs.update(pg_logs)
+            logs["charts/mean_reward"] = float(rewards.mean())
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v * images.shape[0]
+        out = {k: v / n for k, v in sums.items()}
+        out["charts/alpha"] = alpha
+        return out

@@ -1,0 +1,75 @@
+"""The :class:`UncertaintyEstimator` interface and its registry."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from routerkit._registry import Registry
+
+
+@dataclass
+class BaseOutput:
+    """What the base model ``f_0`` tells the router about one batch.
+
+    Attributes:
+        probs: ``[B, K, ...]`` class probabilities (the MC mean for MC dropout).
+        uncertainty: ``[B, ...]`` per-pixel (or per-sample) uncertainty, higher = less sure.
+    """
+
+    probs: Tensor
+    uncertainty: Tensor
+
+    @property
+    def pred(self) -> Tensor:
+        """Arg-max prediction ``[B, ...]``."""
+        return self.probs.argmax(dim=1)
+
+    def state(self) -> Tensor:
+        """Router input: probabilities and uncertainty stacked as channels ``[B, K + 1, ...]``."""
+        return torch.cat([self.probs, self.uncertainty.unsqueeze(1)], dim=1)
+
+
+class UncertaintyEstimator(ABC):
+    """Runs ``f_0`` on a batch and returns its probabilities and an uncertainty map.
+
+    Subclasses implement :meth:`_estimate`; :meth:`__call__` checks the output. ``num_passes``
+    is how many forwards of ``f_0`` one call runs: the FLOP accountant charges them all.
+    """
+
+    #: Forwards of f_0 per input (for FLOP accounting).
+    num_passes: int = 1
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module, x: Tensor) -> BaseOutput:
+        out = self._estimate(model, x)
+        if out.probs.shape[0] != x.shape[0] or out.uncertainty.shape != out.probs.shape[:1] + out.probs.shape[2:]:
+            raise RuntimeError(
+                f"{type(self).__name__} returned probs {tuple(out.probs.shape)} and uncertainty "
+                f"{tuple(out.uncertainty.shape)} for an input of batch {x.shape[0]}."
+            )
+        return out
+
+    @abstractmethod
+    def _estimate(self, model: nn.Module, x: Tensor) -> BaseOutput: ...
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments (for run metadata)."""
+        return {}
+
+
+ESTIMATORS: Registry[UncertaintyEstimator] = Registry("uncertainty estimator", UncertaintyEstimator)
+
+
+def create_estimator(spec: str | UncertaintyEstimator | type[UncertaintyEstimator], **kwargs: Any) -> UncertaintyEstimator:
+    """Build an estimator from a name (``"mc_dropout"``, ``"softmax_entropy"``, ...), class or instance."""
+    return ESTIMATORS.resolve(spec, **kwargs)
+
+
+def list_estimators(pattern: str | None = None) -> list[str]:
+    """Registered estimator names."""
+    return ESTIMATORS.names(pattern)
