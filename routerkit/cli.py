@@ -25,7 +25,9 @@ OverridesOpt = Annotated[
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/bold red] {message}")
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code=2)
 
 

@@ -122,7 +122,7 @@ class LargeModelPretraining(Stage):
                 self.optimizers[key].zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizers[key].step()
-                total, count = total + float(loss) * len(images), count + len(images)
+                total, count = total + float(loss.detach()) * len(images), count + len(images)
             logs[f"losses/ce_{key}"] = total / max(count, 1)
         return logs
 
@@ -181,8 +181,8 @@ class BaseModelPretraining(Stage):
             self.optimizers["f0"].zero_grad(set_to_none=True)
             loss.backward()
             self.optimizers["f0"].step()
-            totals["ce"] += float(ce) * len(idx)
-            totals["kd"] += float(kd) * len(idx)
+            totals["ce"] += float(ce.detach()) * len(idx)
+            totals["kd"] += float(kd.detach()) * len(idx)
         return {"losses/ce_f0": totals["ce"] / n, "losses/kd_f0": totals["kd"] / n}
 
 
@@ -206,7 +206,7 @@ def _policy_step(
     pg_loss = reinforce_loss(log_probs, advantages)
     entropy_bonus = -(log_probs_all.exp() * log_probs_all).sum(-1).mean()
     loss = pg_loss - entropy_coef * entropy_bonus
-    return loss, {"losses/pg_loss": float(pg_loss), "losses/entropy": float(entropy_bonus)}
+    return loss, {"losses/pg_loss": float(pg_loss.detach()), "losses/entropy": float(entropy_bonus.detach())}
 
 
 class PolicyTraining(Stage):
@@ -380,7 +380,7 @@ class JointFineTuning(Stage):
                 self.optimizers[key].zero_grad(set_to_none=True)
                 loss_i.backward()
                 self.optimizers[key].step()
-                logs[f"losses/ce_{key}"] = float(loss_i)
+                logs[f"losses/ce_{key}"] = float(loss_i.detach())
             # Policy: REINFORCE on realised per-unit rewards.
             with torch.no_grad():
                 acc_chosen = self.accuracy(execution.unit_probs, unit_targets).reshape(actions.shape)
