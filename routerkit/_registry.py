@@ -12,7 +12,7 @@ import fnmatch
 import importlib
 import warnings
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 T = TypeVar("T")
 
@@ -41,9 +41,7 @@ def import_object(path: str) -> Any:
     else:
         module_name, _, attr = path.rpartition(".")
     if not module_name or not attr:
-        raise ImportError(
-            f"Expected a dotted path like 'package.module:attribute' but got {path!r}."
-        )
+        raise ImportError(f"Expected a dotted path like 'package.module:attribute' but got {path!r}.")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -135,12 +133,10 @@ class Registry(Generic[T]):
         if self.base is not None and isinstance(spec, self.base):
             if kwargs:
                 raise ValueError(f"Got a ready {self.kind} instance and extra arguments {sorted(kwargs)}.")
-            return spec
+            return cast(T, spec)
         if isinstance(spec, type) or callable(spec):
             result: T = spec(**kwargs)
             return result
         if self.base is None:
-            return spec  # type: ignore[no-any-return]
-        raise TypeError(
-            f"Expected a {self.kind} name, class or instance of {self.base.__name__} but got {type(spec).__name__}."
-        )
+            return cast(T, spec)
+        raise TypeError(f"Expected a {self.kind} name, class or instance of {self.base.__name__} but got {type(spec).__name__}.")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -20,7 +20,9 @@ console = Console()
 ConfigArg = Annotated[Path, typer.Argument(help="Experiment YAML file, e.g. examples/battery.yaml.", show_default=False)]
 OverridesOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="Override a config value: section.key=value (repeatable), e.g. -s training.policy.epochs=5."),
+    typer.Option(
+        "--set", "-s", help="Override a config value: section.key=value (repeatable), e.g. -s training.policy.epochs=5."
+    ),
 ]
 
 
@@ -45,10 +47,16 @@ def _load(config: Path, overrides: list[str] | None):  # type: ignore[no-untyped
 
 @app.command()
 def train(
-    config: Annotated[Path | None, typer.Argument(help="Experiment YAML file, e.g. examples/battery.yaml.", show_default=False)] = None,
+    config: Annotated[
+        Path | None, typer.Argument(help="Experiment YAML file, e.g. examples/battery.yaml.", show_default=False)
+    ] = None,
     overrides: OverridesOpt = None,
-    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run from its last checkpoint (uses its saved config).")] = None,
-    run_dir: Annotated[Path | None, typer.Option(help="Run directory (default: run.output_dir/run.name, suffixed if taken).")] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue an interrupted run from its last checkpoint (uses its saved config).")
+    ] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Run directory (default: run.output_dir/run.name, suffixed if taken).")
+    ] = None,
 ) -> None:
     """Train every stage of the experiment (PaSeR's Algorithm 1), then print the test table.
 
@@ -115,6 +123,7 @@ def validate(config: ConfigArg, overrides: OverridesOpt = None) -> None:
         ("reward.accuracy", ACCURACY_TERMS, cfg.reward.accuracy),
         ("router.name", ROUTERS, cfg.router.name),
     ] + [(f"zoo.models.{i}.model", MODELS, m.model) for i, m in enumerate(cfg.zoo.models)]
+    registry: Any
     for field, registry, name in checks:
         if name not in registry and ":" not in name:
             try:
@@ -123,12 +132,16 @@ def validate(config: ConfigArg, overrides: OverridesOpt = None) -> None:
                 problems.append(f"{field}: {err}")
     if problems:
         _fail("\n".join(problems))
-    console.print(f"[green]OK[/green] {config}: {len(cfg.zoo.models)} task models, router {cfg.router.name!r}, lambda {cfg.reward.lam}.")
+    console.print(
+        f"[green]OK[/green] {config}: {len(cfg.zoo.models)} task models, router {cfg.router.name!r}, lambda {cfg.reward.lam}."
+    )
 
 
 @app.command("list")
 def list_components(
-    kind: Annotated[str | None, typer.Argument(help="routers, models, estimators, costs, rewards, accuracy, partitioners.")] = None,
+    kind: Annotated[
+        str | None, typer.Argument(help="routers, models, estimators, costs, rewards, accuracy, partitioners.")
+    ] = None,
 ) -> None:
     """List registered component names (what a config's `name:` fields accept)."""
     from routerkit.costs import COSTS
@@ -139,11 +152,17 @@ def list_components(
     from routerkit.uncertainty import ESTIMATORS
 
     registries = {
-        "routers": ROUTERS, "models": MODELS, "estimators": ESTIMATORS, "costs": COSTS,
-        "rewards": REWARDS, "accuracy": ACCURACY_TERMS, "partitioners": PARTITIONERS,
+        "routers": ROUTERS,
+        "models": MODELS,
+        "estimators": ESTIMATORS,
+        "costs": COSTS,
+        "rewards": REWARDS,
+        "accuracy": ACCURACY_TERMS,
+        "partitioners": PARTITIONERS,
     }
     if kind is not None and kind not in registries:
         _fail(f"unknown kind {kind!r}; choose from {', '.join(registries)}.")
+    reg: Any
     for name, reg in registries.items():
         if kind in (None, name):
             console.print(f"[bold]{name}[/bold]: {', '.join(reg.names())}")

@@ -21,9 +21,7 @@ def entropy(probs: Tensor, dim: int = 1, eps: float = 1e-12) -> Tensor:
     return -(probs * torch.log(probs.clamp_min(eps))).sum(dim=dim)
 
 
-def confusion_counts(
-    preds: Tensor, target: Tensor, num_classes: int, ignore_index: int | None = None
-) -> Tensor:
+def confusion_counts(preds: Tensor, target: Tensor, num_classes: int, ignore_index: int | None = None) -> Tensor:
     """Confusion matrices for a batch of regions, in one ``bincount``.
 
     Args:
@@ -66,9 +64,7 @@ def mean_iou_from_confusion(confusion: Tensor) -> Tensor:
     return torch.nanmean(iou_from_confusion(confusion), dim=-1)
 
 
-def per_region_iou(
-    preds: Tensor, target: Tensor, num_classes: int, ignore_index: int | None = None
-) -> Tensor:
+def per_region_iou(preds: Tensor, target: Tensor, num_classes: int, ignore_index: int | None = None) -> Tensor:
     """Mean IoU of each region ``[R]`` (regions = leading dim of ``preds``/``target``)."""
     return mean_iou_from_confusion(confusion_counts(preds, target, num_classes, ignore_index))
 
@@ -87,9 +83,7 @@ def total_variation_distance(p: Tensor, q: Tensor, dim: int = -1) -> Tensor:
     return 0.5 * (p - q).abs().sum(dim=dim)
 
 
-def explore_exploit_sample(
-    logits: Tensor, alpha: float, generator: torch.Generator | None = None
-) -> Tensor:
+def explore_exploit_sample(logits: Tensor, alpha: float, generator: torch.Generator | None = None) -> Tensor:
     """PaSeR's Eq. 4: per unit, sample from the policy with probability ``alpha``, else uniformly.
 
     Args:
@@ -102,12 +96,13 @@ def explore_exploit_sample(
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"Expected alpha in [0, 1] but got {alpha}.")
-    probs = torch.softmax(logits.detach().float(), dim=-1)
+    device = generator.device if generator is not None else logits.device
+    probs = torch.softmax(logits.detach().float(), dim=-1).to(device)
     flat = probs.reshape(-1, probs.shape[-1])
     policy_actions = torch.multinomial(flat, 1, generator=generator).squeeze(1)
-    uniform_actions = torch.randint(0, probs.shape[-1], policy_actions.shape, generator=generator, device=probs.device)
-    follow = torch.rand(policy_actions.shape, generator=generator, device=probs.device) < alpha
-    return torch.where(follow, policy_actions, uniform_actions).reshape(probs.shape[:-1])
+    uniform_actions = torch.randint(0, probs.shape[-1], policy_actions.shape, generator=generator, device=device)
+    follow = torch.rand(policy_actions.shape, generator=generator, device=device) < alpha
+    return torch.where(follow, policy_actions, uniform_actions).reshape(probs.shape[:-1]).to(logits.device)
 
 
 def linear_schedule(start: float, end: float, step: int, total: int) -> float:

@@ -73,7 +73,7 @@ def evaluate_router(
     flops = 0.0
     for images, targets in split.batches(batch_size):
         out = pipeline.route(images.to(device), router, greedy=True)
-        confusion += confusion_counts(out.pred.cpu().unsqueeze(0), targets.unsqueeze(0), num_classes, ignore_index)[0]
+        confusion += confusion_counts(out.pred.cpu().unsqueeze(0), targets.cpu().unsqueeze(0), num_classes, ignore_index)[0]
         usage += torch.bincount(out.actions.reshape(-1).cpu(), minlength=pipeline.num_actions).double()
         flops += float(out.flops.sum())
     per_class = iou_from_confusion(confusion)

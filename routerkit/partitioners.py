@@ -38,8 +38,7 @@ class Partitioner(ABC):
         """Inverse of :meth:`split` for ``batch_size`` inputs."""
         if units.shape[0] != batch_size * self.num_units:
             raise ValueError(
-                f"Expected {batch_size * self.num_units} units ({batch_size} inputs x {self.num_units}) "
-                f"but got {units.shape[0]}."
+                f"Expected {batch_size * self.num_units} units ({batch_size} inputs x {self.num_units}) but got {units.shape[0]}."
             )
         return self._stitch(units, batch_size)
 
@@ -116,11 +115,7 @@ class PatchGrid(Partitioner):
             x = x.unsqueeze(1)
         b, c, height, width = x.shape
         h, w = self._check(height, width)
-        units = (
-            x.reshape(b, c, self.rows, h, self.cols, w)
-            .permute(0, 2, 4, 1, 3, 5)
-            .reshape(b * self.num_units, c, h, w)
-        )
+        units = x.reshape(b, c, self.rows, h, self.cols, w).permute(0, 2, 4, 1, 3, 5).reshape(b * self.num_units, c, h, w)
         return units.squeeze(1) if squeeze else units
 
     def _stitch(self, units: Tensor, batch_size: int) -> Tensor:

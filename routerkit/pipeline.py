@@ -127,12 +127,11 @@ class RoutedPipeline:
         module = router.flops_module()
         if module is None:
             return 0
-        state = router.state_tensor(base) if hasattr(router, "state_tensor") else base.state()
+        state_fn = getattr(router, "state_tensor", None)
+        state = state_fn(base) if callable(state_fn) else base.state()
         return self.accountant.module_flops(module, tuple(state.shape[1:]))
 
-    def route(
-        self, x: Tensor, router: Router, greedy: bool = True, generator: torch.Generator | None = None
-    ) -> RoutedOutput:
+    def route(self, x: Tensor, router: Router, greedy: bool = True, generator: torch.Generator | None = None) -> RoutedOutput:
         """Route a batch end to end.
 
         Args:

@@ -14,12 +14,18 @@ ROOT = Path(__file__).resolve().parents[1]
 BATTERY = ROOT / "examples" / "battery.yaml"
 
 TINY = [
-    "data.params.num_train=12", "data.params.num_val=4", "data.params.num_test=4",
-    "data.params.height=32", "data.params.width=32",
-    "zoo.models.1.params.base_channels=2", "zoo.models.2.params.base_channels=4",
+    "data.params.num_train=12",
+    "data.params.num_val=4",
+    "data.params.num_test=4",
+    "data.params.height=32",
+    "data.params.width=32",
+    "zoo.models.1.params.base_channels=2",
+    "zoo.models.2.params.base_channels=4",
     "uncertainty.params.num_passes=2",
-    "training.pretrain_large.epochs=1", "training.pretrain_base.epochs=1",
-    "training.policy.epochs=2", "training.finetune.epochs=1",
+    "training.pretrain_large.epochs=1",
+    "training.pretrain_base.epochs=1",
+    "training.policy.epochs=2",
+    "training.finetune.epochs=1",
 ]
 
 
@@ -126,8 +132,6 @@ def test_resume_continues_an_interrupted_run(tmp_path: Path, monkeypatch: pytest
 
 
 def test_bad_data_gives_clear_error(tmp_path: Path) -> None:
-    result = runner.invoke(
-        app, ["train", str(BATTERY), "--run-dir", str(tmp_path / "r"), *_args("data.params.height=30")]
-    )
+    result = runner.invoke(app, ["train", str(BATTERY), "--run-dir", str(tmp_path / "r"), *_args("data.params.height=30")])
     assert result.exit_code != 0
     assert "30" in result.output

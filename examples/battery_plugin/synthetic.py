@@ -2,7 +2,8 @@
 
 Each sample has a high-resolution label map of three phases (0 = pore, 1 = carbon binder,
 2 = nickel active material, nickel the majority) and a degraded input: phase intensities
-with texture, blurred (point-spread function), down-sampled by ``downsample``, corrupted by
+with texture (pore and carbon binder have close grey values; the nano-porous binder is told
+apart by its grainy texture, as in real scans), blurred (point-spread function), down-sampled by ``downsample``, corrupted by
 Gaussian noise and up-sampled back to the label grid (the low-res scan registered to the
 high-res labels, as in PaSeR's data).
 
@@ -65,15 +66,16 @@ def generate_battery(
     width: int = 128,
     seed: int = 0,
     coarse_scale: float = 6.0,
-    fine_scale: float = 1.4,
+    fine_scale: float = 2.0,
     region_scale: float = 14.0,
     fine_share: float = 0.4,
     fractions: tuple[float, float, float] = (0.2, 0.25, 0.55),
-    intensities: tuple[float, float, float] = (0.2, 0.45, 0.75),
-    texture: float = 0.06,
-    psf_sigma: float = 0.9,
+    intensities: tuple[float, float, float] = (0.3, 0.36, 0.75),
+    texture: float | tuple[float, float, float] = (0.02, 0.14, 0.04),
+    texture_scale: float = 1.2,
+    psf_sigma: float = 0.7,
     downsample: int = 2,
-    noise: float = 0.07,
+    noise: float = 0.05,
     chunk: int = 64,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Generate ``num_samples`` synthetic electrode-coating scans.
@@ -89,7 +91,9 @@ def generate_battery(
         fine_share: Expected share of the image that is finely interspersed.
         fractions: Phase fractions (pore, carbon, nickel); nickel is the majority.
         intensities: Mean grey value of each phase.
-        texture: Std of per-phase high-frequency texture.
+        texture: Std of the high-frequency texture, one value or one per phase (a nano-porous carbon
+            binder is grainy where a filled pore is smooth).
+        texture_scale: Correlation length (px) of that texture.
         psf_sigma: Blur (px) of the scanner's point-spread function.
         downsample: Resolution loss of the scan (the input is down-sampled by this factor).
         noise: Std of the detector noise.
@@ -109,6 +113,9 @@ def generate_battery(
     generator = torch.Generator().manual_seed(seed)
     images, labels, fineness = [], [], []
     level = torch.tensor(intensities)
+    grain = torch.tensor(texture if isinstance(texture, (tuple, list)) else (texture,) * 3, dtype=torch.float32)
+    if grain.shape != (3,):
+        raise ValueError(f"Expected texture to be one number or three (one per phase) but got {texture}.")
     for start in range(0, num_samples, chunk):
         n = min(chunk, num_samples - start)
         shape = (n, height, width)
@@ -119,7 +126,7 @@ def generate_battery(
         fine_field = _smooth_noise(shape, fine_scale, generator)
         field = (1.0 - fine) * coarse_field + fine * fine_field
         label = _phases(field, fractions)
-        clean = level[label] + texture * _smooth_noise(shape, 0.7, generator)
+        clean = level[label] + grain[label] * _smooth_noise(shape, texture_scale, generator)
         x = _gaussian_blur(clean.unsqueeze(1), psf_sigma)
         if downsample > 1:
             x = F.avg_pool2d(x, downsample)

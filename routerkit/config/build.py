@@ -53,7 +53,9 @@ def build_data(cfg: ExperimentConfig) -> DataBundle:
         raise ConfigError(f"data.factory: {err}") from None
     bundle = factory(**cfg.data.params)
     if not isinstance(bundle, DataBundle):
-        raise ConfigError(f"data.factory {cfg.data.factory!r} must return a routerkit.data.DataBundle, got {type(bundle).__name__}.")
+        raise ConfigError(
+            f"data.factory {cfg.data.factory!r} must return a routerkit.data.DataBundle, got {type(bundle).__name__}."
+        )
     return bundle
 
 
@@ -76,6 +78,14 @@ def build_experiment(cfg: ExperimentConfig, data: DataBundle | None = None) -> E
     """Build data, zoo, pipeline, router, reward and accuracy term from ``cfg``."""
     torch.manual_seed(cfg.run.seed)
     data = data if data is not None else build_data(cfg)
+    try:
+        device = torch.device(cfg.run.device)
+    except RuntimeError as err:
+        raise ConfigError(f"run.device: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"run.device is {cfg.run.device!r} but no CUDA device is available here; use run.device=cpu.")
+    if device.type != "cpu":
+        data = DataBundle(data.train.to(device), data.val.to(device), data.test.to(device), data.class_names, data.ignore_index)
     parts = paser_split(data.train, cfg.data.split_fractions, seed=cfg.run.seed)
     input_shape = data.input_shape
     try:
@@ -86,21 +96,30 @@ def build_experiment(cfg: ExperimentConfig, data: DataBundle | None = None) -> E
     zoo = build_zoo(cfg, in_channels=input_shape[0], num_classes=data.num_classes)
     try:
         pipeline = RoutedPipeline(
-            zoo, partitioner, _component("uncertainty", cfg.uncertainty.name, cfg.uncertainty.params, "estimator"),
-            _component("cost", cfg.cost.name, cfg.cost.params, "cost"), input_shape,
+            zoo,
+            partitioner,
+            _component("uncertainty", cfg.uncertainty.name, cfg.uncertainty.params, "estimator"),
+            _component("cost", cfg.cost.name, cfg.cost.params, "cost"),
+            input_shape,
         )
     except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"uncertainty/cost: {err}") from None
     spatial = len(input_shape) == 3 and data.train.targets.dim() == 3
     try:
         router = create_router(
-            cfg.router.name, num_actions=len(zoo), grid_shape=partitioner.grid_shape,
-            in_channels=data.num_classes + 1, spatial=spatial, **cfg.router.params,
+            cfg.router.name,
+            num_actions=len(zoo),
+            grid_shape=partitioner.grid_shape,
+            in_channels=data.num_classes + 1,
+            spatial=spatial,
+            **cfg.router.params,
         )
         reward = create_reward(cfg.reward.name, lam=cfg.reward.lam)
         accuracy = create_accuracy(cfg.reward.accuracy, num_classes=data.num_classes, ignore_index=data.ignore_index)
     except (KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"router/reward: {err}") from None
+    zoo.to(device)
+    router.to(device)
     return Experiment(cfg, data, parts, pipeline, router, reward, accuracy)
 
 

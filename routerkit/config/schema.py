@@ -139,7 +139,7 @@ class EvaluationConfig(_Section):
 
     split: Literal["val", "test"] = "test"
     batch_size: int = Field(16, ge=1)
-    baselines: list[Literal["single", "random"]] = Field(default_factory=lambda: ["single", "random"])
+    baselines: list[Literal["single", "random"]] = Field(default_factory=lambda: ["single", "random"])  # type: ignore[arg-type]
     random_seed: int = 0
 
 

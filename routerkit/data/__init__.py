@@ -52,8 +52,13 @@ class Split:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    def to(self, device: torch.device | str) -> Split:
+        """A copy of the split on ``device``."""
+        return Split(self.images.to(device), self.targets.to(device), {k: v.to(device) for k, v in self.meta.items()})
+
     def subset(self, index: Tensor) -> Split:
         """The samples at ``index`` (a LongTensor of positions)."""
+        index = index.to(self.images.device)
         return Split(self.images[index], self.targets[index], {k: v[index] for k, v in self.meta.items()})
 
     def batches(
@@ -64,7 +69,7 @@ class Split:
             raise ValueError(f"Expected batch_size >= 1 but got {batch_size}.")
         order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
         for start in range(0, len(self), batch_size):
-            idx = order[start : start + batch_size]
+            idx = order[start : start + batch_size].to(self.images.device)
             yield self.images[idx], self.targets[idx]
 
 

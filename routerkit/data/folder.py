@@ -134,9 +134,7 @@ def folder_pairs(
     if no_image:
         problems.append(f"masks in {masks_dir} without an image in {images_dir}: {_short_list(no_image)}")
     if problems:
-        raise ValueError(
-            "Expected every image to have a mask with the same stem but found " + "; ".join(problems) + "."
-        )
+        raise ValueError("Expected every image to have a mask with the same stem but found " + "; ".join(problems) + ".")
     return [(stem, images[stem], masks[stem]) for stem in sorted(images)]
 
 
@@ -171,8 +169,7 @@ def _open(path: Path, kind: str) -> Image.Image:
         raise ValueError(f"Could not read {kind} file {path}: {exc}") from exc
     if frames > 1:
         raise ValueError(
-            f"Expected a single-page {kind} file but {path} has {frames} pages (frames); "
-            "save each page as its own file."
+            f"Expected a single-page {kind} file but {path} has {frames} pages (frames); save each page as its own file."
         )
     return image
 
@@ -380,14 +377,9 @@ def load_paser_battery(root: str | Path, splits: Sequence[str] = ("train", "vali
         raise ValueError("Expected at least one split name but got none.")
     layout = ", ".join(f"{name}_images/ + {name}_label/" for name in splits)
     if not root.is_dir():
-        raise FileNotFoundError(
-            f"Expected the PaSeR battery folder at {root} (holding {layout}) but it is not a folder."
-        )
+        raise FileNotFoundError(f"Expected the PaSeR battery folder at {root} (holding {layout}) but it is not a folder.")
     missing = [
-        str(root / f"{name}_{part}")
-        for name in splits
-        for part in ("images", "label")
-        if not (root / f"{name}_{part}").is_dir()
+        str(root / f"{name}_{part}") for name in splits for part in ("images", "label") if not (root / f"{name}_{part}").is_dir()
     ]
     if missing:
         raise FileNotFoundError(

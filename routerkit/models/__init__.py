@@ -52,9 +52,7 @@ def list_models(pattern: str | None = None) -> list[str]:
 
 
 @MODELS.register("unet")
-def _unet(
-    in_channels: int = 1, num_classes: int = 3, base_channels: int = 16, depth: int = 3, dropout: float = 0.0
-) -> nn.Module:
+def _unet(in_channels: int = 1, num_classes: int = 3, base_channels: int = 16, depth: int = 3, dropout: float = 0.0) -> nn.Module:
     return UNet(in_channels, num_classes, base_channels, depth, dropout)
 
 
@@ -155,9 +153,7 @@ class ToyClassifier(nn.Module):
 
     def __init__(self, in_features: int = 8, num_classes: int = 2, hidden: int = 16, dropout: float = 0.0) -> None:
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
-        )
+        self.net = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes))
 
     def forward(self, x: Tensor) -> Tensor:
         out: Tensor = self.net(x.flatten(1))

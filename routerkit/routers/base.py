@@ -36,7 +36,9 @@ class Router(nn.Module, ABC):
     is_cascade: bool = False
     uses_uncertainty: bool = True
 
-    def __init__(self, num_actions: int, grid_shape: tuple[int, int] = (1, 1), in_channels: int = 1, spatial: bool = True) -> None:
+    def __init__(
+        self, num_actions: int, grid_shape: tuple[int, int] = (1, 1), in_channels: int = 1, spatial: bool = True
+    ) -> None:
         super().__init__()
         if num_actions < 2:
             raise ValueError(f"Expected num_actions >= 2 (f_0 and at least one costlier model) but got {num_actions}.")
@@ -66,7 +68,9 @@ class Router(nn.Module, ABC):
         batch = state.probs.shape[0]
         actions = self._route(state, greedy, generator)
         if actions.shape != (batch, self.num_units):
-            raise RuntimeError(f"{type(self).__name__} returned actions {tuple(actions.shape)}, expected {(batch, self.num_units)}.")
+            raise RuntimeError(
+                f"{type(self).__name__} returned actions {tuple(actions.shape)}, expected {(batch, self.num_units)}."
+            )
         if actions.numel() and (int(actions.min()) < 0 or int(actions.max()) >= self.num_actions):
             raise RuntimeError(f"{type(self).__name__} returned actions outside [0, {self.num_actions}).")
         return actions.long()

@@ -28,6 +28,7 @@ class RandomRouter(Router):
         weights = torch.full((num_actions,), 1.0 / num_actions) if probs is None else torch.as_tensor(probs, dtype=torch.float64)
         if weights.shape != (num_actions,) or bool((weights < 0).any()) or float(weights.sum()) <= 0:
             raise ValueError(f"Expected {num_actions} non-negative probabilities but got {probs}.")
+        self.weights: Tensor
         self.register_buffer("weights", (weights / weights.sum()).float())
         self.seed = seed
         self._generator = torch.Generator().manual_seed(seed)

@@ -45,7 +45,7 @@ class PaSeRRouter(Router):
         self.policy: nn.Module
         if spatial:
             self.policy = ConvPolicy(in_channels, num_actions, self.grid_shape, width)
-            head = self.policy.head
+            head: nn.Module = self.policy.head
         else:
             if self.grid_shape != (1, 1):
                 raise ValueError(f"A vector (non-spatial) state supports one unit per input, got grid {self.grid_shape}.")
@@ -54,8 +54,12 @@ class PaSeRRouter(Router):
         if init_bias is not None:
             if len(init_bias) != num_actions:
                 raise ValueError(f"Expected init_bias of length {num_actions} but got {len(init_bias)}.")
+            bias = getattr(head, "bias", None)
+            if not isinstance(bias, Tensor):
+                raise ValueError("init_bias needs a policy head with a bias.")
             with torch.no_grad():
-                head.bias.copy_(torch.as_tensor(init_bias, dtype=torch.float32))
+                bias.copy_(torch.as_tensor(init_bias, dtype=torch.float32))
+        self.entropy_scale: Tensor
         self.register_buffer("entropy_scale", torch.tensor(1.0 / math.log(max(in_channels - 1, 2))))
 
     def state_tensor(self, state: BaseOutput) -> Tensor:

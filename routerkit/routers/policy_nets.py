@@ -46,9 +46,7 @@ class ConvPolicy(nn.Module):
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
         )
-        self.stages = nn.Sequential(
-            _BasicBlock(width, width, 1), _BasicBlock(width, width, 2), _BasicBlock(width, 2 * width, 2)
-        )
+        self.stages = nn.Sequential(_BasicBlock(width, width, 1), _BasicBlock(width, width, 2), _BasicBlock(width, 2 * width, 2))
         self.head = nn.Conv2d(2 * width, num_actions, 1)
 
     def forward(self, state: Tensor) -> Tensor:
@@ -69,7 +67,9 @@ class MLPPolicy(nn.Module):
 
     def __init__(self, in_channels: int, num_actions: int, hidden: int = 64) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_channels, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_actions))
+        self.net = nn.Sequential(
+            nn.Linear(in_channels, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_actions)
+        )
 
     def forward(self, state: Tensor) -> Tensor:
         logits: Tensor = self.net(state.flatten(1))

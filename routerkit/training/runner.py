@@ -44,23 +44,54 @@ def build_stages(exp: Experiment) -> list[Stage]:
     stages: list[Stage] = [
         LargeModelPretraining(exp.pipeline, exp.parts["pt"], _settings(t.pretrain_large), seed, ignore, t.pretrain_large.augment),
         BaseModelPretraining(
-            exp.pipeline, exp.parts["pt"], _settings(t.pretrain_base), seed + 1, t.pretrain_base.beta, ignore, t.pretrain_base.augment
+            exp.pipeline,
+            exp.parts["pt"],
+            _settings(t.pretrain_base),
+            seed + 1,
+            t.pretrain_base.beta,
+            ignore,
+            t.pretrain_base.augment,
         ),
     ]
     if exp.router.is_trainable:
         if not isinstance(exp.router, PaSeRRouter):
-            raise ConfigError(f"router {cfg.router.name!r} is trainable but routerkit only knows how to train PaSeR-style policies.")
+            raise ConfigError(
+                f"router {cfg.router.name!r} is trainable but routerkit only knows how to train PaSeR-style policies."
+            )
         p, f = t.policy, t.finetune
         stages.append(
             PolicyTraining(
-                exp.pipeline, exp.router, exp.reward, exp.accuracy, exp.parts["rl"], _settings(p), seed + 2,
-                p.alpha_start, p.alpha_end, p.baseline, p.credit, p.entropy_coef,
+                exp.pipeline,
+                exp.router,
+                exp.reward,
+                exp.accuracy,
+                exp.parts["rl"],
+                _settings(p),
+                seed + 2,
+                p.alpha_start,
+                p.alpha_end,
+                p.baseline,
+                p.credit,
+                p.entropy_coef,
             )
         )
         stages.append(
             JointFineTuning(
-                exp.pipeline, exp.router, exp.reward, exp.accuracy, exp.parts["ft"], _settings(f), seed + 3,
-                f.alpha_start, f.alpha_end, f.baseline, f.credit, f.entropy_coef, f.large_lr, f.large_on, ignore,
+                exp.pipeline,
+                exp.router,
+                exp.reward,
+                exp.accuracy,
+                exp.parts["ft"],
+                _settings(f),
+                seed + 3,
+                f.alpha_start,
+                f.alpha_end,
+                f.baseline,
+                f.credit,
+                f.entropy_coef,
+                f.large_lr,
+                f.large_on,
+                ignore,
             )
         )
     return stages
@@ -146,8 +177,13 @@ def train(
     log_path = path / "metrics" / "train_log.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with Progress(
-        TextColumn("[bold blue]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(), console=console, transient=False,
+        TextColumn("[bold blue]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
     ) as progress:
         for index, stage in enumerate(stages):
             epochs = stage.settings.epochs
@@ -163,7 +199,9 @@ def train(
                     fh.write(json.dumps({"stage": stage.name, "epoch": epoch, **logs}) + "\n")
                 complete = epoch == epochs - 1
                 save_checkpoint(
-                    path, f"{index}-{stage.name}-e{epoch:04d}", {"model": _model_state(exp), "stage": stage.state_dict()},
+                    path,
+                    f"{index}-{stage.name}-e{epoch:04d}",
+                    {"model": _model_state(exp), "stage": stage.state_dict()},
                     {"stage": stage.name, "stage_index": index, "epoch": epoch, "stage_complete": complete},
                 )
                 info = "  ".join(f"{k.split('/')[-1]}={v:.4f}" for k, v in list(logs.items())[:3])
@@ -171,13 +209,22 @@ def train(
             if epochs == 0:
                 progress.update(task, completed=1, info="(0 epochs)")
                 save_checkpoint(
-                    path, f"{index}-{stage.name}-skipped", {"model": _model_state(exp), "stage": stage.state_dict()},
+                    path,
+                    f"{index}-{stage.name}-skipped",
+                    {"model": _model_state(exp), "stage": stage.state_dict()},
                     {"stage": stage.name, "stage_index": index, "epoch": -1, "stage_complete": True},
                 )
-    save_checkpoint(path, "final", {"model": _model_state(exp)}, {"stage": "final", "stage_index": len(stages), "epoch": -1, "stage_complete": True})
+    save_checkpoint(
+        path,
+        "final",
+        {"model": _model_state(exp)},
+        {"stage": "final", "stage_index": len(stages), "epoch": -1, "stage_complete": True},
+    )
     train_seconds = time.perf_counter() - t0
     results = evaluate_experiment(exp, path, console)
-    atomic_write_json(path / "metrics" / "timing.json", {"train_and_eval_seconds": time.perf_counter() - t0, "train_seconds": train_seconds})
+    atomic_write_json(
+        path / "metrics" / "timing.json", {"train_and_eval_seconds": time.perf_counter() - t0, "train_seconds": train_seconds}
+    )
     return path, results
 
 
@@ -197,7 +244,14 @@ def evaluate_experiment(exp: Experiment, run_dir: Path, console: Console | None 
         )
     results = [
         evaluate_router(
-            exp.pipeline, router, split, exp.data.num_classes, name, cfg.evaluation.batch_size, exp.data.ignore_index, cfg.run.device
+            exp.pipeline,
+            router,
+            split,
+            exp.data.num_classes,
+            name,
+            cfg.evaluation.batch_size,
+            exp.data.ignore_index,
+            cfg.run.device,
         )
         for name, router in strategies
     ]
@@ -209,12 +263,25 @@ def evaluate_experiment(exp: Experiment, run_dir: Path, console: Console | None 
 def write_results(run_dir: Path, split: str, results: list[EvalResult], model_names: list[str]) -> None:
     """``metrics/<split>.json`` and ``metrics/<split>.csv`` (atomic)."""
     folder = Path(run_dir) / "metrics"
-    atomic_write_json(folder / f"{split}.json", {"split": split, "flop_convention": FLOP_CONVENTION, "results": [r.to_dict() for r in results]})
+    atomic_write_json(
+        folder / f"{split}.json", {"split": split, "flop_convention": FLOP_CONVENTION, "results": [r.to_dict() for r in results]}
+    )
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["strategy", "mean_iou", "accuracy", "gflops_per_input", "iou_per_gflop", *[f"usage_{n}" for n in model_names]])
+    writer.writerow(
+        ["strategy", "mean_iou", "accuracy", "gflops_per_input", "iou_per_gflop", *[f"usage_{n}" for n in model_names]]
+    )
     for r in results:
-        writer.writerow([r.name, f"{r.mean_iou:.6f}", f"{r.accuracy:.6f}", f"{r.gflops:.6f}", f"{r.iou_per_gflop:.6f}", *[f"{u:.4f}" for u in r.usage]])
+        writer.writerow(
+            [
+                r.name,
+                f"{r.mean_iou:.6f}",
+                f"{r.accuracy:.6f}",
+                f"{r.gflops:.6f}",
+                f"{r.iou_per_gflop:.6f}",
+                *[f"{u:.4f}" for u in r.usage],
+            ]
+        )
     atomic_write_bytes(folder / f"{split}.csv", buf.getvalue().encode())
 
 
@@ -228,7 +295,9 @@ def results_table(results: list[EvalResult], model_names: list[str], split: str)
     for name in model_names:
         table.add_column(f"% {name}", justify="right")
     for r in results:
-        table.add_row(r.name, f"{r.mean_iou:.4f}", f"{r.gflops:.4f}", f"{r.iou_per_gflop:.2f}", *[f"{100 * u:.1f}" for u in r.usage])
+        table.add_row(
+            r.name, f"{r.mean_iou:.4f}", f"{r.gflops:.4f}", f"{r.iou_per_gflop:.2f}", *[f"{100 * u:.1f}" for u in r.usage]
+        )
     return table
 
 

@@ -94,15 +94,22 @@ class LargeModelPretraining(Stage):
     name = "pretrain_large"
 
     def __init__(
-        self, pipeline: RoutedPipeline, data: Split, settings: StageSettings, seed: int,
-        ignore_index: int | None = None, augment: bool = True,
+        self,
+        pipeline: RoutedPipeline,
+        data: Split,
+        settings: StageSettings,
+        seed: int,
+        ignore_index: int | None = None,
+        augment: bool = True,
     ) -> None:
         super().__init__(settings, seed)
         self.pipeline, self.data, self.ignore_index, self.augment = pipeline, data, ignore_index, augment
         for i in range(1, len(pipeline.zoo)):
             key = pipeline.zoo.names[i]
             self.modules[key] = pipeline.zoo[i]
-            self.optimizers[key] = torch.optim.Adam(pipeline.zoo[i].parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+            self.optimizers[key] = torch.optim.Adam(
+                pipeline.zoo[i].parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+            )
 
     def num_steps(self) -> int:
         return -(-len(self.data) // self.settings.batch_size) * (len(self.pipeline.zoo) - 1)
@@ -133,8 +140,15 @@ class BaseModelPretraining(Stage):
     name = "pretrain_base"
 
     def __init__(
-        self, pipeline: RoutedPipeline, data: Split, settings: StageSettings, seed: int, beta: float = 0.01,
-        ignore_index: int | None = None, augment: bool = True, teacher_batch: int = 16,
+        self,
+        pipeline: RoutedPipeline,
+        data: Split,
+        settings: StageSettings,
+        seed: int,
+        beta: float = 0.01,
+        ignore_index: int | None = None,
+        augment: bool = True,
+        teacher_batch: int = 16,
     ) -> None:
         super().__init__(settings, seed)
         if beta < 0:
@@ -142,7 +156,9 @@ class BaseModelPretraining(Stage):
         self.pipeline, self.data, self.beta, self.ignore_index, self.augment = pipeline, data, beta, ignore_index, augment
         self.teacher_batch = teacher_batch
         self.modules["f0"] = pipeline.zoo.base
-        self.optimizers["f0"] = torch.optim.Adam(pipeline.zoo.base.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        self.optimizers["f0"] = torch.optim.Adam(
+            pipeline.zoo.base.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+        )
         self._teacher: Tensor | None = None
 
     def num_steps(self) -> int:
@@ -170,7 +186,7 @@ class BaseModelPretraining(Stage):
         for start in range(0, n, self.settings.batch_size):
             idx = order[start : start + self.settings.batch_size]
             images, targets = self.data.images[idx], self.data.targets[idx]
-            extra = (teacher[idx],) if teacher is not None else ()
+            extra: tuple[Tensor, ...] = (teacher[idx],) if teacher is not None else ()
             if self.augment:
                 images, targets, *rest = _augment(images, targets, self.generator, *extra)
                 extra = tuple(rest)
@@ -237,9 +253,20 @@ class PolicyTraining(Stage):
     name = "policy"
 
     def __init__(
-        self, pipeline: RoutedPipeline, router: PaSeRRouter, reward: Reward, accuracy: AccuracyTerm, data: Split,
-        settings: StageSettings, seed: int, alpha_start: float = 0.7, alpha_end: float = 0.95,
-        baseline: str = "expected", credit: str = "unit", entropy_coef: float = 0.0, cache_batch: int = 16,
+        self,
+        pipeline: RoutedPipeline,
+        router: PaSeRRouter,
+        reward: Reward,
+        accuracy: AccuracyTerm,
+        data: Split,
+        settings: StageSettings,
+        seed: int,
+        alpha_start: float = 0.7,
+        alpha_end: float = 0.95,
+        baseline: str = "expected",
+        credit: str = "unit",
+        entropy_coef: float = 0.0,
+        cache_batch: int = 16,
     ) -> None:
         super().__init__(settings, seed)
         if baseline not in ("none", "mean", "expected"):
@@ -267,7 +294,7 @@ class PolicyTraining(Stage):
         from routerkit.uncertainty import BaseOutput
 
         probs, unc, acc = self.build_cache()
-        costs = self.pipeline.costs
+        costs = self.pipeline.costs.to(acc.device)
         alpha = linear_schedule(self.alpha_start, self.alpha_end, epoch, self.settings.epochs)
         self.router.train()
         n = probs.shape[0]
@@ -331,10 +358,22 @@ class JointFineTuning(Stage):
     name = "finetune"
 
     def __init__(
-        self, pipeline: RoutedPipeline, router: PaSeRRouter, reward: Reward, accuracy: AccuracyTerm, data: Split,
-        settings: StageSettings, seed: int, alpha_start: float = 0.95, alpha_end: float = 1.0,
-        baseline: str = "mean", credit: str = "unit", entropy_coef: float = 0.0, large_lr: float | None = None,
-        large_on: str = "routed", ignore_index: int | None = None,
+        self,
+        pipeline: RoutedPipeline,
+        router: PaSeRRouter,
+        reward: Reward,
+        accuracy: AccuracyTerm,
+        data: Split,
+        settings: StageSettings,
+        seed: int,
+        alpha_start: float = 0.95,
+        alpha_end: float = 1.0,
+        baseline: str = "mean",
+        credit: str = "unit",
+        entropy_coef: float = 0.0,
+        large_lr: float | None = None,
+        large_on: str = "routed",
+        ignore_index: int | None = None,
     ) -> None:
         super().__init__(settings, seed)
         if large_on not in ("routed", "all"):
@@ -355,7 +394,8 @@ class JointFineTuning(Stage):
         return -(-len(self.data) // self.settings.batch_size)
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
-        part, zoo, costs = self.pipeline.partitioner, self.pipeline.zoo, self.pipeline.costs
+        part, zoo = self.pipeline.partitioner, self.pipeline.zoo
+        costs = self.pipeline.costs.to(next(zoo.base.parameters()).device)
         alpha = linear_schedule(self.alpha_start, self.alpha_end, epoch, self.settings.epochs)
         zoo.base.eval()
         sums: dict[str, float] = {}

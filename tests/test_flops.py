@@ -1,0 +1,126 @@
+"""Tests of routerkit.flops and the FlopAccountant, against fvcore's FlopCountAnalysis used directly."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import pytest
+import torch
+from fvcore.nn import FlopCountAnalysis
+from torch import nn
+
+from routerkit import FlopAccountant, PatchGrid, RoutedPipeline, WholeInput, Zoo
+from routerkit.flops import count_flops
+from routerkit.models import ToyClassifier, ToySegmenter, UNet
+from routerkit.routers import PaSeRRouter, RandomRouter, SingleModelRouter
+from routerkit.uncertainty import MCDropoutEntropy
+
+SHAPE = (1, 16, 16)
+GRID = PatchGrid(2, 2)
+UNIT = (1, 8, 8)
+K = 2
+
+
+def fvcore_flops(model: nn.Module, shape: tuple[int, ...]) -> int:
+    """fvcore total of one eval-mode forward on a single zero input of ``shape``."""
+    model.eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        logging.getLogger("fvcore").setLevel(logging.ERROR)
+        analysis = FlopCountAnalysis(model, (torch.zeros(1, *shape),))
+        analysis.unsupported_ops_warnings(False)
+        analysis.uncalled_modules_warnings(False)
+        return int(analysis.total())
+
+
+@pytest.mark.parametrize(("k", "cin", "cout", "h", "w"), [(3, 3, 5, 8, 8), (1, 2, 7, 5, 9), (5, 1, 1, 6, 4)])
+def test_conv2d_flops(k: int, cin: int, cout: int, h: int, w: int) -> None:
+    conv = nn.Conv2d(cin, cout, k, padding=k // 2)
+    assert count_flops(conv, (cin, h, w)) == k * k * cin * cout * h * w
+
+
+def test_linear_flops_and_mode_restored() -> None:
+    lin = nn.Linear(6, 4).train()
+    assert count_flops(lin, (6,)) == 24
+    assert lin.training
+    assert count_flops(nn.ReLU(), (3,)) == 0  # parameterless modules are fine
+
+
+@pytest.fixture
+def zoo() -> Zoo:
+    torch.manual_seed(0)
+    return Zoo(
+        [
+            UNet(1, K, base_channels=2, depth=1, dropout=0.3),
+            ToySegmenter(in_channels=1, num_classes=K, width=8),
+            UNet(1, K, base_channels=4, depth=1),
+        ]
+    ).eval()
+
+
+def test_accountant_caches_fvcore_counts(zoo: Zoo) -> None:
+    acc = FlopAccountant(zoo, GRID, SHAPE)
+    assert acc.unit_shape == UNIT
+    assert acc.base_flops == fvcore_flops(zoo[0], SHAPE)
+    assert acc.unit_flops == [fvcore_flops(m, UNIT) for m in zoo]
+    counts = torch.tensor([[4, 0, 0], [1, 2, 1]])
+    per_input = acc.per_input(3, 100, counts)
+    assert per_input.dtype == torch.float64
+    base = 3 * acc.base_flops + 100
+    assert per_input.tolist() == [base, base + 2 * acc.unit_flops[1] + acc.unit_flops[2]]
+
+
+@pytest.mark.parametrize("index", [1, 2])
+def test_single_model_router_large(zoo: Zoo, index: int) -> None:
+    pipe = RoutedPipeline(zoo, GRID, MCDropoutEntropy(num_passes=5), "param_share", SHAPE)
+    router = SingleModelRouter(3, index=index, grid_shape=(2, 2))
+    out = pipe(torch.randn(3, *SHAPE), router)
+    expected = GRID.num_units * fvcore_flops(zoo[index], UNIT)
+    assert out.flops.tolist() == [expected] * 3
+    assert bool((out.actions == index).all())
+
+
+def test_single_model_router_base(zoo: Zoo) -> None:
+    pipe = RoutedPipeline(zoo, GRID, MCDropoutEntropy(num_passes=5), "param_share", SHAPE)
+    router = SingleModelRouter(3, index=0, grid_shape=(2, 2))
+    out = pipe(torch.randn(2, *SHAPE), router)
+    # One deterministic pass of f_0 on the whole image; no MC passes, no policy, no units.
+    assert out.flops.tolist() == [fvcore_flops(zoo[0], SHAPE)] * 2
+
+
+@pytest.mark.parametrize("passes", [1, 4])
+def test_paser_router_flops(zoo: Zoo, passes: int) -> None:
+    torch.manual_seed(1)
+    pipe = RoutedPipeline(zoo, GRID, MCDropoutEntropy(num_passes=passes), "param_share", SHAPE)
+    router = PaSeRRouter(3, grid_shape=(2, 2), in_channels=K + 1, width=4).eval()
+    x = torch.randn(6, *SHAPE)
+    out = pipe(x, router, greedy=False, generator=torch.Generator().manual_seed(0))
+    assert len(out.actions.unique()) > 1  # a mix of decisions
+    base = passes * fvcore_flops(zoo[0], SHAPE)
+    policy = fvcore_flops(router.policy, (K + 1, *SHAPE[1:]))
+    unit = [fvcore_flops(m, UNIT) for m in zoo]
+    assert policy > 0
+    for b in range(x.shape[0]):
+        routed = sum(unit[a] for a in out.actions[b].tolist() if a > 0)
+        assert out.flops[b].item() == base + policy + routed
+
+
+def test_random_router_flops(zoo: Zoo) -> None:
+    pipe = RoutedPipeline(zoo, GRID, MCDropoutEntropy(num_passes=7), "param_share", SHAPE)
+    router = RandomRouter(3, grid_shape=(2, 2), seed=3)
+    out = pipe(torch.randn(5, *SHAPE), router)
+    unit = [fvcore_flops(m, UNIT) for m in zoo]
+    # The random router needs f_0 only for the units it sends there: one deterministic pass.
+    for b in range(5):
+        routed = sum(unit[a] for a in out.actions[b].tolist() if a > 0)
+        assert out.flops[b].item() == fvcore_flops(zoo[0], SHAPE) + routed
+
+
+def test_whole_input_classifier_flops() -> None:
+    torch.manual_seed(2)
+    zoo = Zoo([ToyClassifier(4, 3, hidden=5, dropout=0.2), ToyClassifier(4, 3, hidden=32)])
+    pipe = RoutedPipeline(zoo, WholeInput(), MCDropoutEntropy(num_passes=3), "flops", (4,))
+    router = SingleModelRouter(2, index=1, spatial=False)
+    out = pipe(torch.randn(2, 4), router)
+    assert out.flops.tolist() == [fvcore_flops(zoo[1], (4,))] * 2 == [4 * 32 + 32 * 3] * 2
