@@ -33,7 +33,7 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
         device, dtype = param.device, param.dtype
     except StopIteration:
         device, dtype = torch.device("cpu"), torch.float32
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         x = torch.zeros((1, *input_shape), device=device, dtype=dtype)
@@ -45,5 +45,6 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
             logging.getLogger("fvcore").setLevel(logging.ERROR)
             total = int(analysis.total())
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
     return total

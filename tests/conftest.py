@@ -23,7 +23,8 @@ def _seed() -> None:
 def tiny_zoo() -> Zoo:
     """f_0 with dropout (for MC dropout) and a wider f_1; 1 input channel, 2 classes."""
     torch.manual_seed(1)
-    return Zoo([ToySegmenter(in_channels=1, num_classes=2, width=2, dropout=0.3), ToySegmenter(in_channels=1, num_classes=2, width=8)]).eval()
+    f0 = ToySegmenter(in_channels=1, num_classes=2, width=2, dropout=0.3)
+    return Zoo([f0, ToySegmenter(in_channels=1, num_classes=2, width=8)]).eval()
 
 
 def _split(n: int, seed: int) -> Split:

@@ -45,7 +45,8 @@ def test_routed_classification_pipeline_and_evaluation() -> None:
         preds = torch.cat([pipe(split.images[i : i + 7], router).pred for i in range(0, 40, 7)])
     assert result.accuracy == pytest.approx(float((preds == split.targets).float().mean()))
     conf = confusion_counts(preds[None], split.targets[None], K)[0]
-    assert result.per_class_iou == pytest.approx([float(v) for v in (conf.diagonal() / (conf.sum(0) + conf.sum(1) - conf.diagonal()))], nan_ok=True)
+    per_class = conf.diagonal() / (conf.sum(0) + conf.sum(1) - conf.diagonal())
+    assert result.per_class_iou == pytest.approx(per_class.tolist(), nan_ok=True)
     assert result.num_inputs == 40 and result.name == "toy"
     assert sum(result.usage) == pytest.approx(1.0) and len(result.usage) == 3
     assert result.gflops > 0 and result.iou_per_gflop == pytest.approx(result.mean_iou / result.gflops)
@@ -101,10 +102,17 @@ def test_reinforce_learns_to_route_by_feature() -> None:
 
     router = PaSeRRouter(2, in_channels=3, spatial=False, width=8)
     stage = PolicyTraining(
-        pipe, router, PaSeRReward(lam=0.05), Correctness(2), train, StageSettings(epochs=12, lr=1e-2, batch_size=64), seed=0,
+        pipe,
+        router,
+        PaSeRReward(lam=0.05),
+        Correctness(2),
+        train,
+        StageSettings(epochs=12, lr=1e-2, batch_size=64),
+        seed=0,
     )
     # The replayed accuracies encode the toy's rule.
     probs, unc, acc = replay_cache(pipe, Correctness(2), train)
+    assert probs.shape == (512, 2) and unc.shape == (512,)
     positive = train.images[:, 0] > 0
     assert acc.shape == (512, 1, 2)
     assert torch.equal(acc[:, 0, 1], positive.float()) and torch.equal(acc[:, 0, 0], (~positive).float())

@@ -60,7 +60,7 @@ def test_create_by_name_with_kwargs(registry: Registry[Thing]) -> None:
 
 
 def test_create_bad_kwargs_names_component(registry: Registry[Thing]) -> None:
-    with pytest.raises(TypeError, match="Could not build thing 'small_thing'.*colour"):
+    with pytest.raises(TypeError, match=r"Could not build thing 'small_thing'.*colour"):
         registry.create("small_thing", colour="red")
 
 

@@ -39,6 +39,29 @@ def _smooth_noise(shape: tuple[int, int, int], scale: float, generator: torch.Ge
     return (field / field.std(dim=(1, 2), keepdim=True).clamp_min(1e-12)).float()
 
 
+def _band_noise(shape: tuple[int, int, int], wavelength: float, generator: torch.Generator, oriented: bool) -> Tensor:
+    """Band-pass texture ``[N, H, W]`` at ``wavelength`` px, unit std; ``oriented``: one random direction per image.
+
+    An oriented texture (fibrous streaks) and an isotropic one of the same wavelength and variance
+    have the same local energy: telling them apart needs several oriented filters, i.e. capacity.
+    """
+    n, h, w = shape
+    noise = torch.randn(shape, generator=generator, dtype=torch.float64)
+    fy = torch.fft.fftfreq(h, dtype=torch.float64).reshape(1, h, 1)
+    fx = torch.fft.rfftfreq(w, dtype=torch.float64).reshape(1, 1, -1)
+    f0, bw = 1.0 / wavelength, 0.25 / wavelength
+    if oriented:
+        theta = torch.rand(n, 1, 1, generator=generator, dtype=torch.float64) * math.pi
+        along = fx * torch.cos(theta) + fy * torch.sin(theta)
+        across = -fx * torch.sin(theta) + fy * torch.cos(theta)
+        kernel = torch.exp(-((along.abs() - f0) ** 2 + across**2) / (2 * bw**2))
+    else:
+        kernel = torch.exp(-((torch.sqrt(fx**2 + fy**2) - f0) ** 2) / (2 * bw**2))
+    field = torch.fft.irfft2(torch.fft.rfft2(noise) * kernel, s=(h, w))
+    field = field - field.mean(dim=(1, 2), keepdim=True)
+    return (field / field.std(dim=(1, 2), keepdim=True).clamp_min(1e-12)).float()
+
+
 def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     """Separable Gaussian blur of ``[N, 1, H, W]`` with reflect padding."""
     if sigma <= 0:
@@ -73,6 +96,8 @@ def generate_battery(
     intensities: tuple[float, float, float] = (0.3, 0.36, 0.75),
     texture: float | tuple[float, float, float] = (0.02, 0.14, 0.04),
     texture_scale: float = 1.2,
+    fibres: float = 0.0,
+    fibre_wavelength: float = 6.0,
     psf_sigma: float = 0.7,
     downsample: int = 2,
     noise: float = 0.05,
@@ -94,6 +119,10 @@ def generate_battery(
         texture: Std of the high-frequency texture, one value or one per phase (a nano-porous carbon
             binder is grainy where a filled pore is smooth).
         texture_scale: Correlation length (px) of that texture.
+        fibres: Amplitude of a band-pass texture at ``fibre_wavelength`` px: oriented (fibrous
+            streaks, one direction per image) in the carbon binder, isotropic with the same
+            energy in pores. 0 disables it.
+        fibre_wavelength: Wavelength (px) of that texture.
         psf_sigma: Blur (px) of the scanner's point-spread function.
         downsample: Resolution loss of the scan (the input is down-sampled by this factor).
         noise: Std of the detector noise.
@@ -127,6 +156,10 @@ def generate_battery(
         field = (1.0 - fine) * coarse_field + fine * fine_field
         label = _phases(field, fractions)
         clean = level[label] + grain[label] * _smooth_noise(shape, texture_scale, generator)
+        if fibres > 0:
+            streaks = _band_noise(shape, fibre_wavelength, generator, oriented=True)
+            speckle = _band_noise(shape, fibre_wavelength, generator, oriented=False)
+            clean = clean + fibres * torch.where(label == 1, streaks, torch.where(label == 0, speckle, torch.zeros_like(speckle)))
         x = _gaussian_blur(clean.unsqueeze(1), psf_sigma)
         if downsample > 1:
             x = F.avg_pool2d(x, downsample)

@@ -29,6 +29,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         node: Any = raw
         for key in keys[:-1]:
             if isinstance(node, list) and key.isdigit():
+                if int(key) >= len(node):
+                    raise ConfigError(f"Override {item!r}: index {key} is out of range (the list has {len(node)} items).")
                 node = node[int(key)]
                 continue
             if not isinstance(node, dict):
@@ -36,6 +38,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(key, {})
         value = yaml.safe_load(text) if text.strip() else None
         if isinstance(node, list) and keys[-1].isdigit():
+            if int(keys[-1]) >= len(node):
+                raise ConfigError(f"Override {item!r}: index {keys[-1]} is out of range (the list has {len(node)} items).")
             node[int(keys[-1])] = value
         elif isinstance(node, dict):
             node[keys[-1]] = value

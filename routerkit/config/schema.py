@@ -73,6 +73,25 @@ class ComponentConfig(_Section):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class UncertaintyConfig(ComponentConfig):
+    """The uncertainty estimator (``routerkit list estimators``)."""
+
+    name: str = "mc_dropout"
+    params: dict[str, Any] = Field(default_factory=lambda: {"num_passes": 20})
+
+
+class CostConfig(ComponentConfig):
+    """The cost model (``routerkit list costs``)."""
+
+    name: str = "param_share"
+
+
+class RouterConfig(ComponentConfig):
+    """The router (``routerkit list routers``)."""
+
+    name: str = "paser"
+
+
 class RewardConfig(_Section):
     """PaSeR's reward ``(1 - lam) * (A(f_a) - A(f_0)) - lam * C(f_a)``."""
 
@@ -150,10 +169,10 @@ class ExperimentConfig(_Section):
     data: DataConfig
     partitioner: PartitionerConfig = Field(default_factory=PartitionerConfig)
     zoo: ZooConfig
-    uncertainty: ComponentConfig = Field(default_factory=lambda: ComponentConfig(name="mc_dropout", params={"num_passes": 20}))
-    cost: ComponentConfig = Field(default_factory=lambda: ComponentConfig(name="param_share"))
+    uncertainty: UncertaintyConfig = Field(default_factory=UncertaintyConfig)
+    cost: CostConfig = Field(default_factory=CostConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
-    router: ComponentConfig = Field(default_factory=lambda: ComponentConfig(name="paser"))
+    router: RouterConfig = Field(default_factory=RouterConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 

@@ -46,7 +46,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 def _flatten(prefix: str, obj: Any, tensors: dict[str, Tensor], meta: Any = None) -> Any:
     """Move tensors of a nested state dict into ``tensors``; return the JSON-able skeleton."""
     if isinstance(obj, Tensor):
-        key = prefix
+        key = f"t{len(tensors):06d}"  # positional names: dictionary keys may contain any character
         tensors[key] = obj.detach().cpu().contiguous()
         return {"__tensor__": key}
     if isinstance(obj, Mapping):

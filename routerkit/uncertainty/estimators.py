@@ -13,13 +13,23 @@ from routerkit.uncertainty.base import ESTIMATORS, BaseOutput, UncertaintyEstima
 _DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
+def _modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """Every submodule with its train/eval flag, to restore them exactly afterwards."""
+    return [(m, m.training) for m in model.modules()]
+
+
+def _restore(modes: list[tuple[nn.Module, bool]]) -> None:
+    for m, training in modes:
+        m.training = training
+
+
 def _single_pass_probs(model: nn.Module, x: Tensor) -> Tensor:
-    was_training = model.training
+    modes = _modes(model)
     model.eval()
     try:
         return torch.softmax(model(x).float(), dim=1)
     finally:
-        model.train(was_training)
+        _restore(modes)
 
 
 @ESTIMATORS.register("mc_dropout")
@@ -54,7 +64,7 @@ class MCDropoutEntropy(UncertaintyEstimator):
                 "MC-dropout uncertainty needs a base model with dropout (p > 0); the base model has none. "
                 "Give f_0 a dropout rate (e.g. the UNet's `dropout: 0.1`) or use `softmax_entropy`."
             )
-        was_training = model.training
+        modes = _modes(model)
         model.eval()
         for m in dropouts:
             m.train()
@@ -66,7 +76,7 @@ class MCDropoutEntropy(UncertaintyEstimator):
             probs = torch.softmax(logits.float(), dim=1)
             mean = probs.reshape(self.num_passes, batch, *probs.shape[1:]).mean(0)
         finally:
-            model.train(was_training)
+            _restore(modes)
         return BaseOutput(mean, entropy(mean, dim=1))
 
 

@@ -158,14 +158,6 @@ def test_apply_overrides_on_raw_dicts() -> None:
     assert raw["new"] == pytest.approx(1.5e-3)
 
 
-@pytest.mark.xfail(
-    reason="BUG: routerkit/config/schema.py:72 gives ComponentConfig.name no default while "
-    "ExperimentConfig (lines 153-156) defaults whole sections, so overriding only a parameter of a "
-    "section the YAML omits (e.g. -s uncertainty.params.num_passes=5, documented style of override) "
-    "builds {params: ...} without a name and fails with 'uncertainty.name: Field required' instead "
-    "of keeping the default component.",
-    strict=True,
-)
 @pytest.mark.parametrize("override", ["uncertainty.params.num_passes=5", "router.params.width=4"])
 def test_override_param_of_defaulted_section(override: str) -> None:
     raw = raw_config()
@@ -188,12 +180,6 @@ def test_bad_overrides(override: str, match: str) -> None:
         apply_overrides(raw_config(), [override])
 
 
-@pytest.mark.xfail(
-    reason="BUG: routerkit/config/__init__.py:32 and :38 index lists without a bounds check, so an "
-    "out-of-range list override such as 'zoo.models.5.name=x' raises a bare IndexError instead of a "
-    "ConfigError (the CLI only catches ConfigError, so the user gets a traceback).",
-    strict=True,
-)
 @pytest.mark.parametrize("override", ["zoo.models.5.name=x", "zoo.models.2=x"])
 def test_out_of_range_list_override_is_config_error(override: str) -> None:
     with pytest.raises(ConfigError):

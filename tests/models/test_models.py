@@ -72,7 +72,7 @@ def test_zoo_needs_two_models(models: object) -> None:
 
 
 def test_zoo_rejects_non_modules() -> None:
-    with pytest.raises(TypeError, match="'f1' to be a torch.nn.Module but got function"):
+    with pytest.raises(TypeError, match=r"'f1' to be a torch\.nn\.Module but got function"):
         Zoo([ToySegmenter(), lambda x: x])  # type: ignore[list-item]
 
 
@@ -106,8 +106,9 @@ def test_zoo_rejects_duplicate_names() -> None:
 @pytest.fixture
 def no_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make any attempt to fetch weights fail loudly."""
-    import torch.hub
     import urllib.request
+
+    import torch.hub
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError(f"unexpected download attempt: {args}")
@@ -138,5 +139,7 @@ def test_smp_model_loads_local_encoder_weights(tmp_path, no_downloads: None) -> 
     torch.save(source.model.encoder.state_dict(), path)
     torch.manual_seed(1)
     loaded = SMPModel(arch="Unet", encoder_name="resnet18", in_channels=1, num_classes=2, encoder_weights=str(path))
-    for (k, v), (k2, v2) in zip(source.model.encoder.state_dict().items(), loaded.model.encoder.state_dict().items(), strict=True):
-        assert k == k2 and torch.equal(v, v2)
+    expected, got = source.model.encoder.state_dict(), loaded.model.encoder.state_dict()
+    assert list(expected) == list(got)
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key

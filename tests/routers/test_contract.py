@@ -259,6 +259,11 @@ def test_paser_strong_prior_dominates_random_weights() -> None:
     assert bool((router.route(spatial_state()) == 0).all())
 
 
+def test_conv_policy_is_paper_sized() -> None:
+    params = sum(p.numel() for p in ConvPolicy(4, 3, (4, 4), width=12).parameters())
+    assert abs(params - 14_736) / 14_736 < 0.05  # PaSeR's policy network: 14,736 parameters
+
+
 def test_paser_state_scales_uncertainty() -> None:
     router = PaSeRRouter(A, in_channels=K + 1, spatial=False)
     state = vector_state()

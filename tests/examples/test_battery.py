@@ -1,0 +1,110 @@
+"""The battery plugin: synthetic data properties, and every examples/*.yaml through the CLI at a tiny budget."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+from battery_plugin import build_data  # noqa: E402
+from battery_plugin.synthetic import generate_battery  # noqa: E402
+
+from routerkit.cli import app  # noqa: E402
+from routerkit.partitioners import PatchGrid  # noqa: E402
+
+
+def test_generator_is_deterministic_and_seed_dependent() -> None:
+    a = generate_battery(3, 32, 48, seed=5)
+    b = generate_battery(3, 32, 48, seed=5)
+    c = generate_battery(3, 32, 48, seed=6)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+    assert not torch.equal(a[0], c[0])
+
+
+def test_generator_phases_and_degradation() -> None:
+    images, labels, fineness = generate_battery(8, 64, 64, seed=0)
+    assert images.shape == (8, 1, 64, 64) and labels.shape == (8, 64, 64) and fineness.shape == (8, 64, 64)
+    share = torch.bincount(labels.flatten(), minlength=3).float() / labels.numel()
+    assert share.argmax() == 2, "nickel must be the majority phase"
+    assert torch.allclose(share, torch.tensor([0.2, 0.25, 0.55]), atol=0.02)
+    assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
+    # Spatially varying difficulty: both segregated and interspersed regions exist.
+    assert float((fineness > 0.5).float().mean()) == pytest.approx(0.4, abs=0.15)
+    # The input is degraded: a per-pixel threshold of intensities does not recover the labels.
+    thresh = (images[:, 0] > 0.33).long() + (images[:, 0] > 0.55).long()
+    assert float((thresh == labels).float().mean()) < 0.9
+
+
+def test_interspersed_patches_have_more_boundaries() -> None:
+    _, labels, fineness = generate_battery(6, 64, 64, seed=1)
+    grid = PatchGrid(4, 4)
+    unit_labels, unit_fine = grid.split(labels), grid.split(fineness).mean((1, 2))
+    edges = (unit_labels[:, 1:, :] != unit_labels[:, :-1, :]).float().mean((1, 2))
+    fine, coarse = edges[unit_fine > 0.7], edges[unit_fine < 0.3]
+    assert fine.numel() and coarse.numel()
+    assert float(fine.mean()) > 2 * float(coarse.mean())
+
+
+def test_build_data_errors() -> None:
+    with pytest.raises(ValueError, match="source"):
+        build_data(source="nope")
+    with pytest.raises(ValueError, match="divisible"):
+        build_data(num_train=3, num_val=1, num_test=1, height=31, width=32)
+
+
+def test_paser_folder_source_reads_the_layout(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    for split, n in (("train", 3), ("validation", 1), ("test", 1)):
+        (tmp_path / f"{split}_images").mkdir()
+        (tmp_path / f"{split}_label").mkdir()
+        for i in range(n):
+            Image.fromarray(np.full((16, 16), 100 + i, np.uint8)).save(tmp_path / f"{split}_images" / f"{i}.png")
+            mask = np.zeros((16, 16), np.uint8)
+            mask[:, 8:] = 255
+            mask[:4] = 128
+            Image.fromarray(mask).save(tmp_path / f"{split}_label" / f"{i}.png")
+    bundle = build_data(source="paser_folder", root=str(tmp_path))
+    assert len(bundle.train) == 3 and bundle.class_names == ["pore", "carbon", "nickel"]
+    assert set(bundle.train.targets.unique().tolist()) == {0, 1, 2}
+
+
+TINY = [
+    "data.params.num_train=9",
+    "data.params.num_val=3",
+    "data.params.num_test=3",
+    "data.params.height=32",
+    "data.params.width=32",
+    "run.device=cpu",
+    "uncertainty.params.num_passes=2",
+    "training.pretrain_large.epochs=1",
+    "training.pretrain_base.epochs=1",
+    "training.policy.epochs=1",
+    "training.finetune.epochs=1",
+    "training.pretrain_large.batch_size=3",
+    "training.pretrain_base.batch_size=3",
+    "training.policy.batch_size=3",
+    "training.finetune.batch_size=3",
+    "evaluation.batch_size=3",
+]
+
+
+@pytest.mark.parametrize("config", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_config_trains_at_a_tiny_budget(config: Path, tmp_path: Path) -> None:
+    args = ["train", str(config), "--run-dir", str(tmp_path / "run")]
+    for item in TINY:
+        args += ["-s", item]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "run" / "metrics" / "test.json").read_text())
+    assert metrics["results"][0]["name"] == "PaSeR"
