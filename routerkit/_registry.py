@@ -2,7 +2,7 @@
 
 A registry maps a short name (``"paser"``) to a class or factory. Components can be
 given as a registered name, a dotted path to user code (``"mypkg.zoo:build"``), a
-class/factory, or a ready instance; :meth:`Registry.resolve` accepts all four.
+class/factory, or a ready instance; `Registry.resolve` accepts all four.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class Registry(Generic[T]):
 
     Args:
         kind: Human-readable family name used in error messages (``"router"``).
-        base: Optional base class; instances of it are passed through by :meth:`resolve`.
+        base: Optional base class; instances of it are passed through by `resolve`.
 
     Example:
         >>> routers = Registry("router")

@@ -62,7 +62,7 @@ def evaluate_router(
         device: Where to run.
 
     Returns:
-        The strategy's :class:`EvalResult`.
+        The strategy's `EvalResult`.
     """
     if len(split) == 0:
         raise ValueError("Cannot evaluate on an empty split.")

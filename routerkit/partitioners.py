@@ -17,7 +17,7 @@ from routerkit._registry import Registry
 class Partitioner(ABC):
     """Split inputs into routing units and stitch unit outputs back.
 
-    Subclasses implement :meth:`_split` and :meth:`_stitch`; the public methods check shapes.
+    Subclasses implement `_split` and `_stitch`; the public methods check shapes.
     """
 
     @property
@@ -35,7 +35,7 @@ class Partitioner(ABC):
         return self._split(x)
 
     def stitch(self, units: Tensor, batch_size: int) -> Tensor:
-        """Inverse of :meth:`split` for ``batch_size`` inputs."""
+        """Inverse of `split` for ``batch_size`` inputs."""
         if units.shape[0] != batch_size * self.num_units:
             raise ValueError(
                 f"Expected {batch_size * self.num_units} units ({batch_size} inputs x {self.num_units}) but got {units.shape[0]}."

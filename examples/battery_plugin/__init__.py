@@ -1,7 +1,7 @@
 """Battery phase segmentation plugin: synthetic electrode scans or the PaSeR folder layout.
 
 This is what a user writes to plug their own data into routerkit: a function returning a
-:class:`routerkit.data.DataBundle`, referenced from the YAML as
+`routerkit.data.DataBundle`, referenced from the YAML as
 ``data.factory: battery_plugin:build_data``.
 """
 
@@ -41,7 +41,7 @@ def build_data(
         height: Synthetic image height.
         width: Synthetic image width.
         seed: Seed of the synthetic data (train, val and test use seed, seed + 1, seed + 2).
-        generator: Extra keyword arguments of :func:`generate_battery` (difficulty knobs).
+        generator: Extra keyword arguments of `generate_battery` (difficulty knobs).
 
     Returns:
         The train / val / test bundle with classes ``pore, carbon, nickel``.

@@ -2,16 +2,21 @@
 
 Each sample has a high-resolution label map of three phases (0 = pore, 1 = carbon binder,
 2 = nickel active material, nickel the majority) and a degraded input: phase intensities
-with texture (pore and carbon binder have close grey values; the nano-porous binder is told
-apart by its grainy texture, as in real scans), blurred (point-spread function), down-sampled by ``downsample``, corrupted by
+with texture, blurred (point-spread function), down-sampled by ``downsample``, corrupted by
 Gaussian noise and up-sampled back to the label grid (the low-res scan registered to the
 high-res labels, as in PaSeR's data).
 
 Difficulty varies in space. A smooth random *fineness* field splits every image into
-regions of large segregated grains (correlation length ``coarse_scale`` pixels) that a tiny
-model segments well, and regions where the phases are finely interspersed
-(``fine_scale``, close to the resolution limit) where only larger models do well. The
+regions of large segregated grains (correlation length ``coarse_scale`` pixels) and regions
+where the phases are finely interspersed (``fine_scale``, close to the resolution limit). The
 fineness map is returned too (``meta["fineness"]``) so routing can be inspected.
+
+Pore and carbon binder have the same mean grey value: the binder shows fibrous streaks of one
+direction where a filled pore shows isotropic speckle of the same energy, so telling them apart
+takes several oriented filters (model capacity), while the bright nickel is easy for any
+model. Segregated areas are dense nickel (``coarse_fractions``) and easy for the tiny base model;
+interspersed areas are binder- and pore-rich agglomerates (``fine_fractions``) that need the
+larger models.
 
 Everything is deterministic given ``seed``.
 """
@@ -29,7 +34,7 @@ CLASS_NAMES = ["pore", "carbon", "nickel"]
 
 def _smooth_noise(shape: tuple[int, int, int], scale: float, generator: torch.Generator) -> Tensor:
     """Gaussian random field ``[N, H, W]`` with correlation length ``scale`` px, zero mean, unit std."""
-    n, h, w = shape
+    _, h, w = shape
     noise = torch.randn(shape, generator=generator, dtype=torch.float64)
     fy = torch.fft.fftfreq(h, dtype=torch.float64).reshape(h, 1)
     fx = torch.fft.rfftfreq(w, dtype=torch.float64).reshape(1, -1)
@@ -66,7 +71,7 @@ def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     """Separable Gaussian blur of ``[N, 1, H, W]`` with reflect padding."""
     if sigma <= 0:
         return x
-    radius = max(1, int(math.ceil(3 * sigma)))
+    radius = max(1, math.ceil(3 * sigma))
     t = torch.arange(-radius, radius + 1, dtype=x.dtype)
     k = torch.exp(-(t**2) / (2 * sigma**2))
     k = k / k.sum()
@@ -74,13 +79,21 @@ def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), k.reshape(1, 1, -1, 1))
 
 
-def _phases(field: Tensor, fractions: tuple[float, float, float]) -> Tensor:
-    """Threshold each field at its own quantiles so phase fractions hold per image."""
-    flat = field.reshape(field.shape[0], -1)
-    q = torch.tensor([fractions[0], fractions[0] + fractions[1]], dtype=flat.dtype)
-    cuts = torch.quantile(flat, q, dim=1).T  # [N, 2]
-    labels = (flat > cuts[:, :1]).long() + (flat > cuts[:, 1:]).long()
-    return labels.reshape(field.shape)
+def _phases(field: Tensor, fine: Tensor, coarse_fractions: tuple[float, ...], fine_fractions: tuple[float, ...]) -> Tensor:
+    """Threshold a unit-variance field with cuts that move with the fineness map.
+
+    Segregated regions get ``coarse_fractions`` of (pore, carbon, nickel) and interspersed
+    regions ``fine_fractions``; the cuts are Gaussian quantiles blended by ``fine``.
+    """
+    normal = torch.distributions.Normal(0.0, 1.0)
+
+    def cuts(fr: tuple[float, ...]) -> Tensor:
+        return normal.icdf(torch.tensor([fr[0], fr[0] + fr[1]], dtype=torch.float32))
+
+    c, f = cuts(coarse_fractions), cuts(fine_fractions)
+    low = (1.0 - fine) * c[0] + fine * f[0]
+    high = (1.0 - fine) * c[1] + fine * f[1]
+    return (field > low).long() + (field > high).long()
 
 
 def generate_battery(
@@ -92,11 +105,13 @@ def generate_battery(
     fine_scale: float = 2.0,
     region_scale: float = 14.0,
     fine_share: float = 0.4,
-    fractions: tuple[float, float, float] = (0.2, 0.25, 0.55),
-    intensities: tuple[float, float, float] = (0.3, 0.36, 0.75),
-    texture: float | tuple[float, float, float] = (0.02, 0.14, 0.04),
+    coarse_fractions: tuple[float, float, float] = (0.08, 0.12, 0.80),
+    fine_fractions: tuple[float, float, float] = (0.30, 0.35, 0.35),
+    intensities: tuple[float, float, float] = (0.35, 0.35, 0.75),
+    partial_volume: float = 0.0,
+    texture: float | tuple[float, float, float] = (0.02, 0.02, 0.04),
     texture_scale: float = 1.2,
-    fibres: float = 0.0,
+    fibres: float = 0.14,
     fibre_wavelength: float = 6.0,
     psf_sigma: float = 0.7,
     downsample: int = 2,
@@ -114,8 +129,13 @@ def generate_battery(
         fine_scale: Correlation length (px) of interspersed regions.
         region_scale: Correlation length (px) of the fineness field.
         fine_share: Expected share of the image that is finely interspersed.
-        fractions: Phase fractions (pore, carbon, nickel); nickel is the majority.
-        intensities: Mean grey value of each phase.
+        coarse_fractions: Phase fractions (pore, carbon, nickel) in segregated regions (dense nickel).
+        fine_fractions: Phase fractions in interspersed regions (binder- and pore-rich agglomerates).
+        intensities: Mean grey value of each phase (segregated regions). By default pore and binder
+            share one grey value, as in scans where the binder is nano-porous and epoxy-filled.
+        partial_volume: Share of the pore / binder contrast lost where phases are finely
+            interspersed (partial-volume effect of the coarse scan); only matters when
+            ``intensities`` gives pore and binder different grey values.
         texture: Std of the high-frequency texture, one value or one per phase (a nano-porous carbon
             binder is grainy where a filled pore is smooth).
         texture_scale: Correlation length (px) of that texture.
@@ -135,8 +155,9 @@ def generate_battery(
         raise ValueError(f"Expected num_samples >= 0 and an image of at least 8 x 8 but got {num_samples}, {height} x {width}.")
     if height % downsample or width % downsample:
         raise ValueError(f"Expected height and width divisible by downsample={downsample} but got {height} x {width}.")
-    if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) <= 0:
-        raise ValueError(f"Expected three positive phase fractions summing to 1 but got {fractions}.")
+    for name, fr in (("coarse_fractions", coarse_fractions), ("fine_fractions", fine_fractions)):
+        if len(fr) != 3 or abs(sum(fr) - 1.0) > 1e-6 or min(fr) <= 0:
+            raise ValueError(f"Expected {name} to be three positive phase fractions summing to 1 but got {fr}.")
     if not 0.0 < fine_share < 1.0:
         raise ValueError(f"Expected fine_share in (0, 1) but got {fine_share}.")
     generator = torch.Generator().manual_seed(seed)
@@ -154,8 +175,10 @@ def generate_battery(
         coarse_field = _smooth_noise(shape, coarse_scale, generator)
         fine_field = _smooth_noise(shape, fine_scale, generator)
         field = (1.0 - fine) * coarse_field + fine * fine_field
-        label = _phases(field, fractions)
-        clean = level[label] + grain[label] * _smooth_noise(shape, texture_scale, generator)
+        label = _phases(field, fine, coarse_fractions, fine_fractions)
+        mid = 0.5 * (level[0] + level[1])
+        means = level[label] + partial_volume * fine * (label < 2).float() * (mid - level[label])
+        clean = means + grain[label] * _smooth_noise(shape, texture_scale, generator)
         if fibres > 0:
             streaks = _band_noise(shape, fibre_wavelength, generator, oriented=True)
             speckle = _band_noise(shape, fibre_wavelength, generator, oriented=False)

@@ -1,4 +1,4 @@
-"""Experiment configuration: YAML -> validated :class:`ExperimentConfig` -> built objects."""
+"""Experiment configuration: YAML -> validated `ExperimentConfig` -> built objects."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
 
 
 def parse_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
-    """Validate a raw mapping; raise :class:`ConfigError` with readable messages."""
+    """Validate a raw mapping; raise `ConfigError` with readable messages."""
     if not isinstance(raw, dict):
         raise ConfigError(f"Config {source} must be a mapping of sections, got {type(raw).__name__}.")
     try:

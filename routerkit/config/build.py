@@ -1,4 +1,4 @@
-"""Turn a validated :class:`ExperimentConfig` into objects through the registries."""
+"""Turn a validated `ExperimentConfig` into objects through the registries."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ class RunConfig(_Section):
 
 
 class DataConfig(_Section):
-    """A data plugin: a factory returning a :class:`routerkit.data.DataBundle`."""
+    """A data plugin: a factory returning a `routerkit.data.DataBundle`."""
 
     factory: str = Field(..., description="Dotted path 'package.module:function' returning a DataBundle.")
     params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the factory.")
@@ -142,6 +142,7 @@ class FinetuneConfig(OptimConfig):
     entropy_coef: float = Field(0.0, ge=0)
     large_lr: float | None = Field(None, gt=0, description="Learning rate of the large models (default: lr).")
     large_on: Literal["routed", "all"] = "routed"
+    freeze_bn: bool = Field(True, description="Keep the large models' batch-norm statistics fixed while fine-tuning.")
 
 
 class TrainingConfig(_Section):

@@ -2,7 +2,7 @@
 
 Routing experiments hold their splits as tensors: ``images [N, C, H, W]`` float32 and
 ``targets`` int64 (``[N, H, W]`` masks for segmentation, ``[N]`` labels for classification).
-Data plugins return a :class:`DataBundle`; see :mod:`routerkit.data.folder` for image folders.
+Data plugins return a `DataBundle`; see `routerkit.data.folder` for image folders.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class DataBundle:
     """Train / validation / test splits plus what the task needs to know about classes.
 
     Args:
-        train: Training split (cut into D_PT / D_RL / D_FT by :func:`paser_split`).
+        train: Training split (cut into D_PT / D_RL / D_FT by `paser_split`).
         val: Validation split (threshold searches, calibration).
         test: Test split (reported results).
         class_names: Name of each class id.

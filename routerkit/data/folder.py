@@ -9,7 +9,7 @@ Example:
     >>> split.images.shape, split.targets.shape  # doctest: +SKIP
     (torch.Size([12, 1, 256, 256]), torch.Size([12, 256, 256]))
 
-:func:`load_paser_battery` reads the battery electrode data set of the PaSeR paper
+`load_paser_battery` reads the battery electrode data set of the PaSeR paper
 (``root/{train,validation,test}_{images,label}/``).
 """
 
@@ -106,7 +106,7 @@ def folder_pairs(
     """Pair the files of an images folder with those of a masks folder by stem.
 
     Extensions are matched case-insensitively; hidden files and files with other extensions are
-    ignored. The pairs come sorted by stem, which is the row order of :func:`load_folder_split`.
+    ignored. The pairs come sorted by stem, which is the row order of `load_folder_split`.
 
     Args:
         images_dir: Folder of images.
@@ -294,7 +294,7 @@ def load_folder_split(
     """Load a segmentation split from an images folder and a masks folder.
 
     Images and masks pair up by file stem (``a.png`` pairs with ``a.tif``) and rows are sorted by stem
-    (see :func:`folder_pairs`). Images may be 8-bit or 16-bit, grayscale or RGB, but every image of the
+    (see `folder_pairs`). Images may be 8-bit or 16-bit, grayscale or RGB, but every image of the
     split must have the same shape. Alpha channels are dropped and palette images become RGB. Only
     grayscale images may be 16-bit: Pillow reduces 16-bit colour files to 8 bits, so they are refused.
 
@@ -311,7 +311,7 @@ def load_folder_split(
             ``"none"`` keeps the raw values (as float32).
 
     Returns:
-        A :class:`~routerkit.data.Split` with ``images [N, C, H, W]`` float32 and ``targets [N, H, W]`` int64.
+        A `~routerkit.data.Split` with ``images [N, C, H, W]`` float32 and ``targets [N, H, W]`` int64.
 
     Raises:
         FileNotFoundError: A folder is missing or has no file with one of ``extensions``.
@@ -368,7 +368,7 @@ def load_paser_battery(root: str | Path, splits: Sequence[str] = ("train", "vali
 
     Raises:
         FileNotFoundError: ``root`` or a split folder is missing (all missing folders are listed).
-        ValueError: ``splits`` is empty, or a split fails :func:`load_folder_split`'s checks.
+        ValueError: ``splits`` is empty, or a split fails `load_folder_split`'s checks.
     """
     root = Path(root)
     if isinstance(splits, str):

@@ -1,4 +1,4 @@
-"""Task models: the :class:`TaskModel` protocol, the :class:`Zoo`, presets and a registry.
+"""Task models: the `TaskModel` protocol, the `Zoo`, presets and a registry.
 
 A task model is any ``torch.nn.Module`` mapping ``[N, C, ...]`` inputs (a unit or a whole
 input) to logits ``[N, K, ...]``. Existing models are wrapped, never subclassed.

@@ -44,7 +44,8 @@ class AccuracyTerm(ABC):
         """``probs [U, K, ...]``, ``targets [U, ...]`` -> accuracy ``[U]`` (higher is better)."""
         if probs.shape[0] != targets.shape[0] or probs.shape[2:] != targets.shape[1:]:
             raise ValueError(
-                f"Expected unit probs [U, K, ...] matching targets [U, ...] but got {tuple(probs.shape)} and {tuple(targets.shape)}."
+                "Expected unit probs [U, K, ...] matching targets [U, ...] but got "
+                f"{tuple(probs.shape)} and {tuple(targets.shape)}."
             )
         return self._score(probs, targets)
 
@@ -60,7 +61,7 @@ class UnitIoU(AccuracyTerm):
     """Mean IoU (macro over classes present in label or prediction) of each unit.
 
     Computed from per-unit confusion counts in one batched ``bincount``. A unit with no valid
-    pixel scores NaN, which :class:`PaSeRReward` turns into a zero accuracy difference.
+    pixel scores NaN, which `PaSeRReward` turns into a zero accuracy difference.
     """
 
     def _score(self, probs: Tensor, targets: Tensor) -> Tensor:
@@ -91,7 +92,7 @@ class NegativeCrossEntropy(AccuracyTerm):
 
 
 class Reward(ABC):
-    """Per-unit reward of routing decisions. The public :meth:`__call__` checks shapes."""
+    """Per-unit reward of routing decisions. The public `__call__` checks shapes."""
 
     def __call__(self, acc_chosen: Tensor, acc_base: Tensor, cost_chosen: Tensor, lam: float | None = None) -> Tensor:
         """Reward per unit.

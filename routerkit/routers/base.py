@@ -1,4 +1,4 @@
-"""The :class:`Router` interface, its capability flags and its registry."""
+"""The `Router` interface, its capability flags and its registry."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from routerkit.uncertainty import BaseOutput
 class Router(nn.Module, ABC):
     """Decides, per routing unit, which model of the zoo answers.
 
-    :meth:`route` is the public entry point and is not overridden: it checks the state and the
-    decisions. Pick-first routers implement :meth:`_route`.
+    `route` is the public entry point and is not overridden: it checks the state and the
+    decisions. Pick-first routers implement `_route`.
 
     Capability flags (read by the trainer, the accountant and the contract tests):
 

@@ -18,7 +18,7 @@ class RandomRouter(Router):
     Args:
         probs: Optional probability of each model; uniform when ``None``.
         seed: Seed of the router's own generator (decisions are reproducible).
-        **kwargs: :class:`Router` arguments.
+        **kwargs: `Router` arguments.
     """
 
     uses_uncertainty = False
@@ -46,7 +46,7 @@ class SingleModelRouter(Router):
 
     Args:
         index: The model to use.
-        **kwargs: :class:`Router` arguments.
+        **kwargs: `Router` arguments.
     """
 
     uses_uncertainty = False

@@ -19,7 +19,7 @@ class PaSeRRouter(Router):
     The state's uncertainty channel is divided by ``log K`` (the maximum entropy) so it lies in
     [0, 1] whatever the number of classes. Decisions are the arg-max at evaluation
     (``greedy=True``) and samples from the policy during training. Training (REINFORCE with
-    the explore/exploit schedule) lives in :mod:`routerkit.training`.
+    the explore/exploit schedule) lives in `routerkit.training`.
 
     Args:
         num_actions: Models m + 1.

@@ -92,6 +92,7 @@ def build_stages(exp: Experiment) -> list[Stage]:
                 f.large_lr,
                 f.large_on,
                 ignore,
+                f.freeze_bn,
             )
         )
     return stages
@@ -256,6 +257,11 @@ def evaluate_experiment(exp: Experiment, run_dir: Path, console: Console | None 
         for name, router in strategies
     ]
     write_results(run_dir, cfg.evaluation.split, results, exp.zoo.names)
+    if split.images.dim() == 4 and split.targets.dim() == 3 and split.images.shape[1] in (1, 3):
+        from routerkit.plots import routing_overlay
+
+        figure = routing_overlay(exp.pipeline, exp.router, split, Path(run_dir) / "figures" / "routing.png", exp.zoo.names)
+        console.print(f"Routing overlay: {figure}")
     console.print(results_table(results, exp.zoo.names, cfg.evaluation.split))
     return results
 

@@ -1,11 +1,11 @@
 """The three training stages of PaSeR's Algorithm 1, as resumable epoch-by-epoch stages.
 
-1. :class:`LargeModelPretraining`: each costlier model ``f_1..f_m`` on units of D_PT (cross-entropy).
-2. :class:`BaseModelPretraining`: ``f_0`` on whole inputs of D_PT, cross-entropy plus
+1. `LargeModelPretraining`: each costlier model ``f_1..f_m`` on units of D_PT (cross-entropy).
+2. `BaseModelPretraining`: ``f_0`` on whole inputs of D_PT, cross-entropy plus
    ``beta`` x MSE distillation to the largest model's logits (Eq. 1).
-3. :class:`PolicyTraining`: REINFORCE on D_RL. Task models are frozen, so their per-unit
+3. `PolicyTraining`: REINFORCE on D_RL. Task models are frozen, so their per-unit
    accuracies are computed once and *replayed*; an epoch then costs only the policy.
-4. :class:`JointFineTuning`: large models and policy together on D_FT.
+4. `JointFineTuning`: large models and policy together on D_FT.
 
 Each stage exposes ``run_epoch(epoch) -> dict of logged scalars`` and ``state_dict()`` /
 ``load_state_dict()`` (modules + optimisers) so the runner can checkpoint after every epoch.
@@ -229,7 +229,7 @@ class PolicyTraining(Stage):
     """Stage 2: REINFORCE on D_RL with replayed task-model outputs.
 
     The frozen models' per-unit accuracies ``[N, P, m + 1]`` and the base state are computed
-    once in :meth:`build_cache`; each epoch samples actions with PaSeR's explore/exploit rule
+    once in `build_cache`; each epoch samples actions with PaSeR's explore/exploit rule
     (``alpha`` linear from ``alpha_start`` to ``alpha_end`` over the epochs), looks rewards up
     and updates the policy.
 
@@ -353,6 +353,8 @@ class JointFineTuning(Stage):
     explore/exploit rule, the executor runs each large model on its units *with gradients*;
     each large model takes a cross-entropy step on the units routed to it (or on all units
     with ``large_on="all"``), and the policy a REINFORCE step on the realised rewards.
+    Batch-norm layers of the large models keep their running statistics (``freeze_bn``): the
+    units routed to one model are few and skewed, and would corrupt them.
     """
 
     name = "finetune"
@@ -374,6 +376,7 @@ class JointFineTuning(Stage):
         large_lr: float | None = None,
         large_on: str = "routed",
         ignore_index: int | None = None,
+        freeze_bn: bool = True,
     ) -> None:
         super().__init__(settings, seed)
         if large_on not in ("routed", "all"):
@@ -383,6 +386,7 @@ class JointFineTuning(Stage):
         self.pipeline, self.router, self.reward, self.accuracy, self.data = pipeline, router, reward, accuracy, data
         self.alpha_start, self.alpha_end, self.baseline, self.credit = alpha_start, alpha_end, baseline, credit
         self.entropy_coef, self.large_on, self.ignore_index = entropy_coef, large_on, ignore_index
+        self.freeze_bn = freeze_bn
         self.modules["router"] = router
         self.optimizers["router"] = torch.optim.Adam(router.parameters(), lr=settings.lr)
         for i in range(1, len(pipeline.zoo)):
@@ -407,6 +411,10 @@ class JointFineTuning(Stage):
             actions = explore_exploit_sample(logits, alpha, self.generator)
             for i in range(1, len(zoo)):
                 zoo[i].train()
+                if self.freeze_bn:  # routed subsets are small and skewed: keep the running statistics
+                    for m in zoo[i].modules():
+                        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                            m.eval()
             units, unit_targets = part.split(images), part.split(targets)
             execution = self.pipeline.executor.run(units, actions, part.split(base.probs))
             # Large models: cross-entropy on their units.

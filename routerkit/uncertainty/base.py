@@ -1,4 +1,4 @@
-"""The :class:`UncertaintyEstimator` interface and its registry."""
+"""The `UncertaintyEstimator` interface and its registry."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ class BaseOutput:
 class UncertaintyEstimator(ABC):
     """Runs ``f_0`` on a batch and returns its probabilities and an uncertainty map.
 
-    Subclasses implement :meth:`_estimate`; :meth:`__call__` checks the output. ``num_passes``
+    Subclasses implement `_estimate`; `__call__` checks the output. ``num_passes``
     is how many forwards of ``f_0`` one call runs: the FLOP accountant charges them all.
     """
 

@@ -35,7 +35,10 @@ def test_generator_phases_and_degradation() -> None:
     assert images.shape == (8, 1, 64, 64) and labels.shape == (8, 64, 64) and fineness.shape == (8, 64, 64)
     share = torch.bincount(labels.flatten(), minlength=3).float() / labels.numel()
     assert share.argmax() == 2, "nickel must be the majority phase"
-    assert torch.allclose(share, torch.tensor([0.2, 0.25, 0.55]), atol=0.02)
+    assert 0.5 < float(share[2]) < 0.75 and float(share[0]) > 0.05 and float(share[1]) > 0.05
+    # Interspersed regions are pore- and binder-rich, segregated ones dense nickel.
+    fine = fineness > 0.5
+    assert float((labels[fine] < 2).float().mean()) > 2 * float((labels[~fine] < 2).float().mean())
     assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
     # Spatially varying difficulty: both segregated and interspersed regions exist.
     assert float((fineness > 0.5).float().mean()) == pytest.approx(0.4, abs=0.15)
