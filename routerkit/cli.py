@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from routerkit.config import ExperimentConfig
 
 app = typer.Typer(
     name="routerkit",
@@ -26,14 +29,14 @@ OverridesOpt = Annotated[
 ]
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     from rich.markup import escape
 
     console.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code=2)
 
 
-def _load(config: Path, overrides: list[str] | None):  # type: ignore[no-untyped-def]
+def _load(config: Path, overrides: list[str] | None) -> ExperimentConfig:
     from routerkit.config import ConfigError, load_config
     from routerkit.config.build import add_plugin_path
 

@@ -49,10 +49,7 @@ def routing_overlay(
         shown = img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)
         ax = axes[0, i]
         ax.imshow(shown, cmap="gray")
-        tint = torch.zeros(rows, cols, 4)
-        for r in range(rows):
-            for c in range(cols):
-                tint[r, c] = torch.tensor(colours(int(actions[i, r, c])))
+        tint = colours(actions[i].numpy()).copy()  # [rows, cols, 4] RGBA of each unit's model
         tint[..., 3] = 0.35
         ax.imshow(tint, extent=(-0.5, width - 0.5, height - 0.5, -0.5), interpolation="nearest")
         axes[1, i].imshow(targets[i].cpu(), cmap="viridis", interpolation="nearest")

@@ -133,5 +133,6 @@ def test_resume_continues_an_interrupted_run(tmp_path: Path, monkeypatch: pytest
 
 def test_bad_data_gives_clear_error(tmp_path: Path) -> None:
     result = runner.invoke(app, ["train", str(BATTERY), "--run-dir", str(tmp_path / "r"), *_args("data.params.height=30")])
-    assert result.exit_code != 0
-    assert "30" in result.output
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output and "30" in result.output
+    assert "Traceback" not in result.output

@@ -51,7 +51,10 @@ def build_data(cfg: ExperimentConfig) -> DataBundle:
         factory = import_object(cfg.data.factory)
     except ImportError as err:
         raise ConfigError(f"data.factory: {err}") from None
-    bundle = factory(**cfg.data.params)
+    try:
+        bundle = factory(**cfg.data.params)
+    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError) as err:
+        raise ConfigError(f"data ({cfg.data.factory} with data.params): {err}") from None
     if not isinstance(bundle, DataBundle):
         raise ConfigError(
             f"data.factory {cfg.data.factory!r} must return a routerkit.data.DataBundle, got {type(bundle).__name__}."
