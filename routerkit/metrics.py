@@ -72,7 +72,7 @@ def evaluate_router(
     usage = torch.zeros(pipeline.num_actions, dtype=torch.float64)
     flops = 0.0
     for images, targets in split.batches(batch_size):
-        out = pipeline.route(images.to(device), router, greedy=True)
+        out = pipeline.route(images.to(device), router, greedy=True, targets=targets.to(device))
         confusion += confusion_counts(out.pred.cpu().unsqueeze(0), targets.cpu().unsqueeze(0), num_classes, ignore_index)[0]
         usage += torch.bincount(out.actions.reshape(-1).cpu(), minlength=pipeline.num_actions).double()
         flops += float(out.flops.sum())

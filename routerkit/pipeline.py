@@ -131,25 +131,58 @@ class RoutedPipeline:
         state = state_fn(base) if callable(state_fn) else base.state()
         return self.accountant.module_flops(module, tuple(state.shape[1:]))
 
-    def route(self, x: Tensor, router: Router, greedy: bool = True, generator: torch.Generator | None = None) -> RoutedOutput:
+    def route(
+        self,
+        x: Tensor,
+        router: Router,
+        greedy: bool = True,
+        generator: torch.Generator | None = None,
+        targets: Tensor | None = None,
+    ) -> RoutedOutput:
         """Route a batch end to end.
+
+        Pick-first routers decide every unit from ``f_0``'s state, then the executor runs the
+        chosen models; cascades (``router.is_cascade``) run stage by stage and pay every stage
+        a unit went through.
 
         Args:
             x: ``[B, *input_shape]`` inputs.
             router: The strategy deciding per unit.
             greedy: Arg-max decisions (evaluation) rather than samples.
             generator: Random generator for sampled decisions.
+            targets: Labels, only for routers that need them (the oracle).
 
         Returns:
             Stitched probabilities, decisions and FLOPs per input.
         """
         self.check_input(x)
+        if getattr(router, "needs_targets", False):
+            if targets is None:
+                raise ValueError(f"{type(router).__name__} needs the targets: pass targets= to route().")
+            router.prepare(self, x, targets)  # type: ignore[operator]
         base = self.base_output(x, router)
+        if router.is_cascade:
+            actions, unit_probs = router.cascade(self, x, base)  # type: ignore[operator]
+            probs = self.partitioner.stitch(unit_probs, x.shape[0])
+            return RoutedOutput(probs, actions, self.flops(actions, router, base), base, Execution(unit_probs))
         with torch.no_grad():
             actions = router.route(base, greedy=greedy, generator=generator)
         return self.execute(x, base, actions, router)
 
     __call__ = route
+
+    def flops(self, actions: Tensor, router: Router | None, base: BaseOutput) -> Tensor:
+        """``[B]`` FLOPs per input of decisions ``actions [B, P]`` made by ``router``.
+
+        Counts the passes of ``f_0`` the router needs, its own network, and the models run on
+        the units: the chosen one, or for a cascade every stage up to the chosen one.
+        """
+        counts = F.one_hot(actions, self.num_actions).sum(1)
+        if router is not None and router.is_cascade:
+            counts = counts.flip(-1).cumsum(-1).flip(-1)  # a unit that reached f_i paid f_1..f_i
+        passes = self.base_passes(router) if router is not None else self.estimator.num_passes
+        policy = self.policy_flops(router, base) if router is not None else 0
+        return self.accountant.per_input(passes, policy, counts)
 
     def execute(self, x: Tensor, base: BaseOutput, actions: Tensor, router: Router | None = None) -> RoutedOutput:
         """Run given decisions ``actions [B, P]`` on ``x`` with the base output ``base``."""
@@ -158,11 +191,7 @@ class RoutedPipeline:
         base_units = self.partitioner.split(base.probs) if self.base_passes_needed(actions) else None
         execution = self.executor.run(units, actions, base_units)
         probs = self.partitioner.stitch(execution.unit_probs, batch)
-        counts = F.one_hot(actions, self.num_actions).sum(1)
-        passes = self.base_passes(router) if router is not None else self.estimator.num_passes
-        policy = self.policy_flops(router, base) if router is not None else 0
-        flops = self.accountant.per_input(passes, policy, counts)
-        return RoutedOutput(probs, actions, flops, base, execution)
+        return RoutedOutput(probs, actions, self.flops(actions, router, base), base, execution)
 
     @staticmethod
     def base_passes_needed(actions: Tensor) -> bool:

@@ -79,7 +79,9 @@ def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), k.reshape(1, 1, -1, 1))
 
 
-def _phases(field: Tensor, fine: Tensor, coarse_fractions: tuple[float, ...], fine_fractions: tuple[float, ...]) -> Tensor:
+def _phases(
+    field: Tensor, fine: Tensor, coarse_fractions: tuple[float, ...], fine_fractions: tuple[float, ...], split_field: Tensor | None = None
+) -> Tensor:
     """Threshold a unit-variance field with cuts that move with the fineness map.
 
     Segregated regions get ``coarse_fractions`` of (pore, carbon, nickel) and interspersed
@@ -93,7 +95,12 @@ def _phases(field: Tensor, fine: Tensor, coarse_fractions: tuple[float, ...], fi
     c, f = cuts(coarse_fractions), cuts(fine_fractions)
     low = (1.0 - fine) * c[0] + fine * f[0]
     high = (1.0 - fine) * c[1] + fine * f[1]
-    return (field > low).long() + (field > high).long()
+    nickel = field > high
+    if split_field is None:
+        return torch.where(nickel, 2, (field > low).long())
+    # pore / binder split by an independent field: where the binder lies is not implied by the nickel.
+    share = normal.cdf(low) / normal.cdf(high).clamp_min(1e-6)  # pore share of the non-nickel phases
+    return torch.where(nickel, 2, (split_field > normal.icdf(share.clamp(1e-4, 1 - 1e-4))).long())
 
 
 def generate_battery(
@@ -109,6 +116,7 @@ def generate_battery(
     fine_fractions: tuple[float, float, float] = (0.30, 0.35, 0.35),
     intensities: tuple[float, float, float] = (0.35, 0.35, 0.75),
     partial_volume: float = 0.0,
+    independent_binder: float = 0.0,
     texture: float | tuple[float, float, float] = (0.02, 0.02, 0.04),
     texture_scale: float = 1.2,
     fibres: float = 0.14,
@@ -175,7 +183,11 @@ def generate_battery(
         coarse_field = _smooth_noise(shape, coarse_scale, generator)
         fine_field = _smooth_noise(shape, fine_scale, generator)
         field = (1.0 - fine) * coarse_field + fine * fine_field
-        label = _phases(field, fine, coarse_fractions, fine_fractions)
+        split = None
+        if independent_binder > 0:
+            other = (1.0 - fine) * _smooth_noise(shape, coarse_scale, generator) + fine * _smooth_noise(shape, fine_scale, generator)
+            split = (1.0 - independent_binder * fine) * field + independent_binder * fine * other
+        label = _phases(field, fine, coarse_fractions, fine_fractions, split)
         mid = 0.5 * (level[0] + level[1])
         means = level[label] + partial_volume * fine * (label < 2).float() * (mid - level[label])
         clean = means + grain[label] * _smooth_noise(shape, texture_scale, generator)

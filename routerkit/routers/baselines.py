@@ -1,14 +1,19 @@
-"""Baseline routers: a random policy (PaSeR-RandPol) and a single model for every unit."""
+"""Baseline routers: a random policy (PaSeR-RandPol), a single model for every unit, and the oracle."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from routerkit.routers.base import Router, register_router
 from routerkit.uncertainty import BaseOutput
+
+if TYPE_CHECKING:
+    from routerkit.pipeline import RoutedPipeline
+    from routerkit.replay import UnitTable
 
 
 @register_router("random")
@@ -62,3 +67,68 @@ class SingleModelRouter(Router):
     def _route(self, state: BaseOutput, greedy: bool, generator: torch.Generator | None) -> Tensor:
         batch = state.probs.shape[0]
         return torch.full((batch, self.num_units), self.index, dtype=torch.long, device=state.probs.device)
+
+
+@register_router("oracle")
+class OracleRouter(Router):
+    """The oracle: per unit, the model with the highest reward *with the labels known*.
+
+    The upper bound of every router's reward on a split. Before routing a batch it runs every
+    model on every unit (`prepare`, called by `RoutedPipeline.route` with ``targets``); its
+    reported FLOPs count only what a perfect router would run (one pass of ``f_0`` and the
+    chosen models), not this look-ahead. It is an evaluation tool, not a deployable router.
+
+    Args:
+        num_actions: Models m + 1.
+        num_classes: Classes K of the accuracy term; default ``in_channels - 1``.
+        lam: Cost weight of PaSeR's reward.
+        accuracy: Accuracy term name (``"iou"``, ``"correct"``, ``"neg_ce"``).
+        ignore_index: Label ignored by the accuracy term.
+        **kwargs: `Router` arguments.
+    """
+
+    uses_uncertainty = False
+    needs_targets = True
+
+    def __init__(
+        self,
+        num_actions: int,
+        num_classes: int | None = None,
+        lam: float = 0.5,
+        accuracy: str = "iou",
+        ignore_index: int | None = None,
+        **kwargs: object,
+    ) -> None:
+        from routerkit.rewards import PaSeRReward, create_accuracy
+
+        super().__init__(num_actions, **kwargs)  # type: ignore[arg-type]
+        self.reward = PaSeRReward(lam)
+        classes = max(self.in_channels - 1, 2) if num_classes is None else num_classes
+        self.accuracy = create_accuracy(accuracy, num_classes=classes, ignore_index=ignore_index)
+        self._pending: Tensor | None = None
+
+    @torch.no_grad()
+    def prepare(self, pipeline: RoutedPipeline, x: Tensor, targets: Tensor) -> None:
+        """Score every model on every unit of the batch and keep the best action per unit."""
+        part = pipeline.partitioner
+        units, unit_targets = part.split(x), part.split(targets)
+        acc = [self.accuracy(part.split(torch.softmax(pipeline.zoo.base(x).float(), 1)), unit_targets)]
+        for i in range(1, pipeline.num_actions):
+            acc.append(self.accuracy(torch.softmax(pipeline.zoo[i](units).float(), 1), unit_targets))
+        table = torch.stack(acc, -1).reshape(x.shape[0], part.num_units, pipeline.num_actions)
+        self._pending = self.best_actions(table, pipeline.costs.to(table))
+
+    def best_actions(self, accuracy: Tensor, costs: Tensor) -> Tensor:
+        """Arg-max of the reward ``[N, P]`` from per-unit accuracies ``[N, P, A]`` (NaN counts as -inf)."""
+        rewards = self.reward(accuracy, accuracy[..., :1].expand_as(accuracy), costs.expand_as(accuracy))
+        return torch.nan_to_num(rewards, nan=-torch.inf).argmax(-1)
+
+    def decide_table(self, table: UnitTable) -> Tensor:
+        """The oracle's decisions ``[N, P]`` on a replayed table (its accuracy term)."""
+        return self.best_actions(table.accuracy, table.costs)
+
+    def _route(self, state: BaseOutput, greedy: bool, generator: torch.Generator | None) -> Tensor:
+        pending, self._pending = self._pending, None
+        if pending is None or pending.shape[0] != state.probs.shape[0]:
+            raise RuntimeError("The oracle needs the labels: route with RoutedPipeline.route(x, router, targets=y).")
+        return pending.to(state.probs.device)

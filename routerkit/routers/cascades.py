@@ -1,0 +1,355 @@
+"""Cascades: the IDK cascade (Wang et al. 2017) and the optimal-stopping cascade (Guan et al. 2018).
+
+A cascade runs ``f_0``, then sends each unit on to ``f_1``, ``f_2``, ... while a per-stage rule
+says "forward"; the unit is answered by the last model it reached and pays for every stage it
+ran. The stage rule sees per-unit features of that stage's output: the unit's mean class
+probabilities and its mean uncertainty (``f_0``: the estimator's, e.g. MC-dropout entropy;
+later stages: the softmax entropy).
+
+Both cascades decide identically from live outputs (`CascadeRouter.cascade`, used by
+`RoutedPipeline.route`) and from a replayed `UnitTable` (`CascadeRouter.decide_table`), which
+is how their thresholds and stop policies are fitted in seconds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from routerkit.functional import entropy
+from routerkit.routers.base import Router, register_router
+from routerkit.uncertainty import BaseOutput
+
+if TYPE_CHECKING:
+    from routerkit.pipeline import RoutedPipeline
+    from routerkit.replay import UnitTable
+
+
+def _spatial_mean(x: Tensor) -> Tensor:
+    """Mean class probabilities of each unit: ``[U, K, ...] -> [U, K]``."""
+    return x.flatten(2).mean(-1) if x.dim() > 2 else x
+
+
+def _unit_mean(x: Tensor) -> Tensor:
+    """Mean of a per-pixel map over each unit: ``[U, ...] -> [U]``."""
+    return x.flatten(1).mean(1) if x.dim() > 1 else x
+
+
+class CascadeRouter(Router):
+    """Base class of cascades: subclasses implement `stop` for stages ``0..m-1``."""
+
+    is_cascade = True
+
+    def stop(self, stage: int, unit_probs: Tensor, unit_uncertainty: Tensor) -> Tensor:
+        """Whether each unit stops at ``stage``.
+
+        Args:
+            stage: Stage index ``0..m-1`` (the last model always stops).
+            unit_probs: ``[U, K]`` mean class probabilities of the stage's model on each unit.
+            unit_uncertainty: ``[U]`` mean uncertainty of that output on each unit.
+
+        Returns:
+            ``[U]`` bool, True = answer with this stage's model.
+        """
+        raise NotImplementedError
+
+    def _route(self, state: BaseOutput, greedy: bool, generator: torch.Generator | None) -> Tensor:
+        raise RuntimeError(
+            f"{type(self).__name__} is a cascade: it decides stage by stage on the models' outputs. "
+            "Route with RoutedPipeline.route(x, router) (or decide_table on a replayed UnitTable)."
+        )
+
+    @torch.no_grad()
+    def cascade(self, pipeline: RoutedPipeline, x: Tensor, base: BaseOutput) -> tuple[Tensor, Tensor]:
+        """Run the cascade on a batch.
+
+        Args:
+            pipeline: The routed pipeline (zoo, partitioner, executor).
+            x: ``[B, *input_shape]`` inputs.
+            base: ``f_0``'s output on ``x``.
+
+        Returns:
+            ``(actions [B, P], unit_probs [B * P, K, ...])``: the last model each unit reached and its output.
+        """
+        part, num_models = pipeline.partitioner, pipeline.num_actions
+        batch = x.shape[0]
+        units = part.split(x)
+        probs = part.split(base.probs).clone()
+        unc = _unit_mean(part.split(base.uncertainty.unsqueeze(1)).squeeze(1))
+        actions = torch.zeros(units.shape[0], dtype=torch.long, device=x.device)
+        active = ~self.stop(0, _spatial_mean(probs), unc)
+        for i in range(1, num_models):
+            idx = torch.nonzero(active, as_tuple=True)[0]
+            if idx.numel() == 0:
+                break
+            p = torch.softmax(pipeline.executor._forward(pipeline.zoo[i], units[idx]).float(), 1)
+            probs[idx] = p.to(probs.dtype)
+            actions[idx] = i
+            if i == num_models - 1:
+                break
+            go_on = ~self.stop(i, _spatial_mean(p), _unit_mean(entropy(p)))
+            active = torch.zeros_like(active)
+            active[idx[go_on]] = True
+        return actions.reshape(batch, part.num_units), probs
+
+    @torch.no_grad()
+    def decide_table(self, table: UnitTable) -> Tensor:
+        """The cascade's decisions ``[N, P]`` from replayed per-unit outputs (no model runs)."""
+        n, p, a = table.accuracy.shape
+        if a != self.num_actions:
+            raise ValueError(f"Expected a table of {self.num_actions} models but got {a}.")
+        stops = torch.ones(n * p, a, dtype=torch.bool)
+        for i in range(a - 1):
+            probs = table.unit_probs[:, :, i].reshape(n * p, -1)
+            stops[:, i] = self.stop(i, probs, table.uncertainty[:, :, i].reshape(-1)).cpu()
+        return stops.long().argmax(-1).reshape(n, p)  # first stage that stops
+
+
+@register_router("idk")
+class IDKCascade(CascadeRouter):
+    """IDK cascade: a unit moves on from stage ``i`` while its uncertainty exceeds ``thresholds[i]``.
+
+    Thresholds come from `fit_grid` (grid search between mean - 1 std and mean + 1 std of each
+    stage's uncertainty on a validation table, minimising ``CE + lambda_IDK * C``, the PaSeR
+    paper's Eq. 5) or `fit_iou` (one offset in std units shared by every stage, tuned until the
+    cascade's IoU matches a target).
+
+    Args:
+        num_actions: Models m + 1.
+        thresholds: One threshold per stage ``0..m-1``; ``None``: +inf (never forward) until fitted.
+        **kwargs: `Router` arguments.
+    """
+
+    def __init__(self, num_actions: int, thresholds: list[float] | None = None, **kwargs: object) -> None:
+        super().__init__(num_actions, **kwargs)  # type: ignore[arg-type]
+        values = [math.inf] * (num_actions - 1) if thresholds is None else [float(t) for t in thresholds]
+        if len(values) != num_actions - 1:
+            raise ValueError(f"Expected {num_actions - 1} thresholds (one per stage but the last) but got {len(values)}.")
+        self.thresholds: Tensor
+        self.register_buffer("thresholds", torch.tensor(values, dtype=torch.float32))
+
+    def stop(self, stage: int, unit_probs: Tensor, unit_uncertainty: Tensor) -> Tensor:
+        return unit_uncertainty <= self.thresholds[stage].to(unit_uncertainty.device)
+
+    def set_thresholds(self, values: Tensor | list[float]) -> None:
+        """Replace the thresholds."""
+        t = torch.as_tensor(values, dtype=torch.float32).reshape(-1)
+        if t.shape != self.thresholds.shape:
+            raise ValueError(f"Expected {self.thresholds.numel()} thresholds but got {t.numel()}.")
+        self.thresholds.copy_(t)
+
+    @staticmethod
+    def stage_statistics(table: UnitTable) -> tuple[Tensor, Tensor]:
+        """Mean and std of each stage's per-unit uncertainty ``([m], [m])``."""
+        u = table.uncertainty[..., :-1].reshape(-1, table.num_actions - 1)
+        return u.mean(0), u.std(0)
+
+    @staticmethod
+    def paid_costs(table: UnitTable, actions: Tensor) -> Tensor:
+        """``[N, P]`` normalised cost of every stage each unit ran (``f_0`` included)."""
+        cum = table.costs.cumsum(0)
+        return cum[actions]
+
+    @torch.no_grad()
+    def fit_grid(self, table: UnitTable, lam: float, steps: int = 21, max_combinations: int = 20000) -> dict[str, float]:
+        """Grid-search the thresholds on ``table`` for the loss ``CE + lam * C`` (Eq. 5).
+
+        Each stage's grid spans mean - 1 std .. mean + 1 std of its uncertainty. When
+        ``steps ** m`` exceeds ``max_combinations`` the grid is searched by coordinate descent.
+
+        Returns:
+            The selected thresholds' loss, mean CE and mean cost.
+        """
+        mean, std = self.stage_statistics(table)
+        grids = [torch.linspace(float(mu - sd), float(mu + sd), steps) for mu, sd in zip(mean, std, strict=True)]
+
+        def objective(values: Tensor) -> tuple[float, float, float]:
+            self.set_thresholds(values)
+            actions = self.decide_table(table)
+            ce = float(table.gather(table.loss, actions).mean())
+            cost = float(self.paid_costs(table, actions).mean())
+            return ce + lam * cost, ce, cost
+
+        best: tuple[float, float, float] | None = None
+        best_values = torch.stack([g[-1] for g in grids])
+        if steps ** len(grids) <= max_combinations:
+            for combo in itertools.product(*[range(steps)] * len(grids)):
+                values = torch.stack([g[j] for g, j in zip(grids, combo, strict=True)])
+                score = objective(values)
+                if best is None or score[0] < best[0]:
+                    best, best_values = score, values
+        else:
+            values = best_values.clone()
+            for _ in range(3):
+                for s, grid in enumerate(grids):
+                    for v in grid:
+                        trial = values.clone()
+                        trial[s] = v
+                        score = objective(trial)
+                        if best is None or score[0] < best[0]:
+                            best, best_values = score, trial
+                    values = best_values.clone()
+        self.set_thresholds(best_values)
+        assert best is not None
+        return {"loss": best[0], "ce": best[1], "cost": best[2]}
+
+    @torch.no_grad()
+    def thresholds_at(self, table: UnitTable, offset: float) -> Tensor:
+        """Thresholds ``mean + offset * std`` of every stage."""
+        mean, std = self.stage_statistics(table)
+        return mean + offset * std
+
+    @torch.no_grad()
+    def fit_iou(self, table: UnitTable, target: float, tol: float = 1e-3, span: float = 4.0) -> dict[str, float]:
+        """Tune one offset (in std units, shared by every stage) until the table's IoU matches ``target``.
+
+        Scans offsets in ``[-span, span]`` then bisects the bracket around the target. If the
+        target is out of reach, keeps the closest setting and reports ``matched = 0``.
+
+        Returns:
+            ``offset``, realised ``iou``, ``matched`` (1.0 / 0.0).
+        """
+        def iou_at(offset: float) -> float:
+            self.set_thresholds(self.thresholds_at(table, offset))
+            return table.mean_iou(self.decide_table(table))
+
+        offsets = torch.linspace(span, -span, 161).tolist()  # high offset = few forwards = low IoU
+        ious = [iou_at(o) for o in offsets]
+        best = min(range(len(offsets)), key=lambda j: abs(ious[j] - target))
+        best_offset, best_iou = offsets[best], ious[best]
+        for j in range(len(offsets) - 1):
+            lo, hi = ious[j], ious[j + 1]
+            if abs(best_iou - target) <= tol:
+                break
+            if (lo - target) * (hi - target) <= 0:
+                a, b = offsets[j], offsets[j + 1]
+                for _ in range(40):
+                    mid = 0.5 * (a + b)
+                    v = iou_at(mid)
+                    if abs(v - target) < abs(best_iou - target):
+                        best_offset, best_iou = mid, v
+                    if abs(v - target) <= tol:
+                        break
+                    if (v - target) * (lo - target) > 0:
+                        a, lo = mid, v
+                    else:
+                        b = mid
+        self.set_thresholds(self.thresholds_at(table, best_offset))
+        return {"offset": best_offset, "iou": best_iou, "matched": float(abs(best_iou - target) <= tol)}
+
+
+class StopPolicy(nn.Module):
+    """Guan et al.'s per-stage stop policy: a small MLP on ``[mean probs (K), uncertainty, max prob]``."""
+
+    def __init__(self, num_classes: int, hidden: int = 16) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(num_classes + 2, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    @staticmethod
+    def features(unit_probs: Tensor, unit_uncertainty: Tensor) -> Tensor:
+        """``[U, K + 2]`` features of a stage's output."""
+        return torch.cat([unit_probs, unit_uncertainty.unsqueeze(-1), unit_probs.max(-1, keepdim=True).values], -1)
+
+    def forward(self, unit_probs: Tensor, unit_uncertainty: Tensor) -> Tensor:
+        """Stop logit ``[U]``."""
+        return self.net(self.features(unit_probs, unit_uncertainty)).squeeze(-1)
+
+
+@register_router("optimal_stopping")
+class OptimalStoppingCascade(CascadeRouter):
+    """Guan et al. (2018) optimal-stopping cascade: after each stage a policy ``pi_t`` stops or forwards.
+
+    The policies are trained by REINFORCE with a baseline on the reward
+    ``-loss(final model) - alpha * sum of the costs paid`` (`fit`), from a replayed `UnitTable`.
+    At evaluation a unit stops where ``pi_t(stop) > 0.5``.
+
+    Args:
+        num_actions: Models m + 1.
+        num_classes: Classes K (the policies' input size is K + 2); default ``in_channels - 1``.
+        hidden: Hidden width of each stop policy.
+        **kwargs: `Router` arguments.
+    """
+
+    is_trainable = True
+
+    def __init__(self, num_actions: int, num_classes: int | None = None, hidden: int = 16, **kwargs: object) -> None:
+        super().__init__(num_actions, **kwargs)  # type: ignore[arg-type]
+        num_classes = self.in_channels - 1 if num_classes is None else num_classes
+        if num_classes < 1:
+            raise ValueError(f"Expected num_classes >= 1 (or in_channels = K + 1 >= 2) but got {num_classes}.")
+        self.num_classes = num_classes
+        self.policies = nn.ModuleList(StopPolicy(num_classes, hidden) for _ in range(num_actions - 1))
+
+    def stop_logits(self, stage: int, unit_probs: Tensor, unit_uncertainty: Tensor) -> Tensor:
+        """Stop logit of each unit at ``stage``."""
+        if unit_probs.shape[-1] != self.num_classes:
+            raise ValueError(f"Expected unit probabilities over {self.num_classes} classes but got {unit_probs.shape[-1]}.")
+        return self.policies[stage](unit_probs.float(), unit_uncertainty.float())
+
+    def stop(self, stage: int, unit_probs: Tensor, unit_uncertainty: Tensor) -> Tensor:
+        return self.stop_logits(stage, unit_probs, unit_uncertainty) > 0
+
+    def flops_module(self) -> nn.Module | None:
+        return None  # a few hundred flops per unit: negligible next to any task model (documented)
+
+    def fit(
+        self,
+        table: UnitTable,
+        alpha: float,
+        epochs: int = 60,
+        lr: float = 1e-2,
+        batch_size: int = 512,
+        loss: str = "ce",
+        seed: int = 0,
+    ) -> dict[str, float]:
+        """Train the stop policies by REINFORCE on ``table``.
+
+        The reward of a unit that stops at stage ``a`` is ``-loss_a - alpha * sum_{i <= a} C(f_i)``,
+        with ``loss_a`` the unit's cross-entropy (``loss="ce"``) or ``1 - accuracy term``
+        (``loss="acc"``) and ``C`` the normalised costs. The baseline is the batch mean reward.
+
+        Returns:
+            Mean reward of the greedy policy on ``table`` after training.
+        """
+        if loss not in ("ce", "acc"):
+            raise ValueError(f"Expected loss 'ce' or 'acc' but got {loss!r}.")
+        n, p, a = table.accuracy.shape
+        feats_p = table.unit_probs[:, :, : a - 1].reshape(n * p, a - 1, -1).float()
+        feats_u = table.uncertainty[..., : a - 1].reshape(n * p, a - 1).float()
+        per_unit_loss = (table.loss if loss == "ce" else 1.0 - table.accuracy).reshape(n * p, a).float()
+        per_unit_loss = torch.nan_to_num(per_unit_loss, nan=0.0)
+        rewards_all = -per_unit_loss - alpha * table.costs.cumsum(0).float()  # [U, A]
+        generator = torch.Generator().manual_seed(seed)
+        opt = torch.optim.Adam(self.parameters(), lr=lr)
+        self.train()
+        total = n * p
+        for _ in range(epochs):
+            order = torch.randperm(total, generator=generator)
+            for start in range(0, total, batch_size):
+                idx = order[start : start + batch_size]
+                logits = torch.stack([self.stop_logits(i, feats_p[idx, i], feats_u[idx, i]) for i in range(a - 1)], -1)
+                stop_prob = torch.sigmoid(logits)
+                draws = torch.rand(stop_prob.shape, generator=generator) < stop_prob.detach()
+                draws = torch.cat([draws, torch.ones(len(idx), 1, dtype=torch.bool)], -1)
+                final = draws.long().argmax(-1)  # first stop
+                logp_stop = nn.functional.logsigmoid(logits)
+                logp_go = nn.functional.logsigmoid(-logits)
+                steps = torch.arange(a - 1).unsqueeze(0)
+                went_on = (steps < final.unsqueeze(1)).float()
+                stopped_here = (steps == final.unsqueeze(1)).float()
+                logp = (went_on * logp_go + stopped_here * logp_stop).sum(-1)
+                reward = rewards_all[idx].gather(1, final.unsqueeze(1)).squeeze(1)
+                advantage = reward - reward.mean()
+                objective = -(logp * advantage).mean()
+                opt.zero_grad(set_to_none=True)
+                objective.backward()
+                opt.step()
+        self.eval()
+        with torch.no_grad():
+            actions = self.decide_table(table).reshape(-1)
+            realised = rewards_all.gather(1, actions.unsqueeze(1)).mean()
+        return {"mean_reward": float(realised)}
