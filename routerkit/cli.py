@@ -1,4 +1,4 @@
-"""The ``routerkit`` command line: train, evaluate, validate, list."""
+"""The ``routerkit`` command line: train, evaluate, compare, calibrate, validate, list."""
 
 from __future__ import annotations
 
@@ -89,21 +89,125 @@ def train(
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by `routerkit train`.", show_default=False)],
     split: Annotated[str | None, typer.Option(help="'val' or 'test' (default: the config's evaluation.split).")] = None,
+    checkpoint: Annotated[str | None, typer.Option(help="Checkpoint name, e.g. 'calibrated' (default: the final one).")] = None,
 ) -> None:
     """Re-compute the results table of a saved run from its config and final checkpoint."""
-    from routerkit.config import ConfigError
-    from routerkit.training.runner import evaluate_experiment, load_run
+    from routerkit.training.runner import evaluate_experiment
 
-    try:
-        exp = load_run(run_dir)
-    except (ConfigError, FileNotFoundError) as err:
-        _fail(str(err))
-        return
+    exp = _load_run_or_fail(run_dir, checkpoint)
     if split is not None:
         if split not in ("val", "test"):
             _fail(f"--split must be 'val' or 'test', got {split!r}.")
         exp.config.evaluation.split = split  # type: ignore[assignment]
     evaluate_experiment(exp, run_dir, console)
+
+
+def _load_run_or_fail(run_dir: Path, checkpoint: str | None = None) -> Any:
+    from routerkit.config import ConfigError
+    from routerkit.training.runner import load_run
+
+    try:
+        return load_run(run_dir, checkpoint)
+    except (ConfigError, FileNotFoundError) as err:
+        _fail(str(err))
+
+
+def _apply_compare_overrides(exp: Any, overrides: list[str] | None) -> None:
+    """Apply ``compare.*`` / ``reward.lam``-free overrides to a loaded run's config."""
+    from routerkit.config import ConfigError, apply_overrides, parse_config
+
+    if not overrides:
+        return
+    bad = [o for o in overrides if not o.startswith("compare.")]
+    if bad:
+        _fail(f"on a saved run only compare.* settings can be overridden, got: {', '.join(bad)}")
+    try:
+        raw = apply_overrides(exp.config.model_dump(mode="json"), overrides)
+        exp.config = parse_config(raw, "overrides")
+    except ConfigError as err:
+        _fail(str(err))
+
+
+@app.command()
+def compare(
+    config_or_run: Annotated[
+        Path, typer.Argument(help="A run directory, or an experiment YAML to train first.", show_default=False)
+    ],
+    overrides: OverridesOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: RUN_DIR/compare).")] = None,
+) -> None:
+    """Compare every strategy on the same trained zoo: PaSeR, IDK cascade, optimal stopping, baselines, oracle.
+
+    Prints and writes (markdown, CSV, JSON) Table 1 (IoU, GFLOPs, IoU/GigaFlop), Table 2 (IDK in
+    IoU-match mode against PaSeR), the assignment matrices against the oracle and pareto.png.
+    """
+    from routerkit.compare import compare_strategies, print_report, write_report
+    from routerkit.config import ConfigError
+    from routerkit.training.runner import train as run_train
+
+    if (config_or_run / "config.yaml").exists():
+        run_dir = config_or_run
+        exp = _load_run_or_fail(run_dir)
+        _apply_compare_overrides(exp, overrides)
+    elif config_or_run.is_file():
+        cfg = _load(config_or_run, overrides)
+        try:
+            run_dir, _ = run_train(cfg, console=console, plugin_dirs=[str(config_or_run.parent.resolve())])
+        except (ConfigError, FileNotFoundError) as err:
+            _fail(str(err))
+        exp = _load_run_or_fail(run_dir)
+    else:
+        _fail(f"{config_or_run} is neither a run directory (with config.yaml) nor a config file.")
+    try:
+        report = compare_strategies(exp, exp.config.compare, console)
+    except (ConfigError, ValueError) as err:
+        _fail(str(err))
+    folder = out or Path(run_dir) / "compare"
+    written = write_report(report, folder)
+    print_report(report, console)
+    console.print(f"Wrote {len(written)} files to [cyan]{folder}[/cyan] (table1.md, table2.md, assignment.md, pareto.png, ...)")
+
+
+@app.command()
+def calibrate(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `routerkit train`.", show_default=False)],
+    target_gflops: Annotated[float | None, typer.Option(help="Target GFLOPs per input on the validation split.")] = None,
+    target_share: Annotated[float | None, typer.Option(help="Target share (0-1) of units sent to models other than f_0.")] = None,
+    tolerance: Annotated[float, typer.Option(help="Relative tolerance on the validation split.")] = 0.02,
+) -> None:
+    """Adjust the trained router (policy bias / IDK thresholds / stop bias) to hit a compute budget.
+
+    Saves the calibrated router as checkpoint 'calibrated' and calibration.json; evaluate it with
+    `routerkit evaluate RUN_DIR --checkpoint calibrated`.
+    """
+    from routerkit.calibrate import calibrate as run_calibrate
+    from routerkit.training.checkpoint import atomic_write_json, save_checkpoint
+    from routerkit.training.runner import _model_state
+
+    if (target_gflops is None) == (target_share is None):
+        _fail("give exactly one of --target-gflops X or --target-share S.")
+    exp = _load_run_or_fail(run_dir)
+    metric, target = ("gflops", target_gflops) if target_gflops is not None else ("share", target_share)
+    assert target is not None
+    try:
+        result = run_calibrate(exp, target, metric, tolerance)
+    except ValueError as err:
+        _fail(str(err))
+    save_checkpoint(
+        run_dir,
+        "calibrated",
+        {"model": _model_state(exp)},
+        {"stage": "calibrated", "calibration": result.to_dict()},
+        update_latest=False,
+    )
+    atomic_write_json(Path(run_dir) / "calibration.json", result.to_dict())
+    unit = "GFLOPs per input" if metric == "gflops" else "share of units past f_0"
+    status = "[green]within tolerance[/green]" if result.within_tolerance else "[red]NOT within tolerance[/red]"
+    console.print(
+        f"{result.router}: {result.knob} = {result.value:.4f}. Target {target:.4f} {unit}; "
+        f"validation {result.val:.4f} ({status}, {100 * tolerance:.0f}%), test {result.test:.4f}. "
+        f"Mean IoU: validation {result.val_mean_iou:.4f}, test {result.test_mean_iou:.4f}. ({result.flop_convention})"
+    )
 
 
 @app.command()

@@ -49,7 +49,7 @@ def _wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_help_of_every_command() -> None:
-    for cmd in ([], ["train"], ["evaluate"], ["validate"], ["list"]):
+    for cmd in ([], ["train"], ["evaluate"], ["compare"], ["calibrate"], ["validate"], ["list"]):
         result = runner.invoke(app, [*cmd, "--help"])
         assert result.exit_code == 0, result.output
         assert "Usage" in result.output
@@ -136,3 +136,87 @@ def test_bad_data_gives_clear_error(tmp_path: Path) -> None:
     assert result.exit_code == 2, result.output
     assert "error:" in result.output and "30" in result.output
     assert "Traceback" not in result.output
+
+
+COMPARE_TINY = [
+    "compare.sweep_lambdas=[0.1, 0.6]",
+    "compare.sweep_policy_epochs=2",
+    "compare.idk_offsets=[-1.0, 0.0, 1.0]",
+    "compare.stop_alphas=[0.1, 1.0]",
+    "compare.stop_epochs=3",
+    "compare.idk_grid_steps=3",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    result = runner.invoke(app, ["train", str(BATTERY), "--run-dir", str(run_dir), *_args()])
+    assert result.exit_code == 0, result.output
+    return run_dir
+
+
+def test_compare_writes_every_table_and_the_pareto_figure(tiny_run: Path) -> None:
+    args = [x for item in COMPARE_TINY for x in ("-s", item)]
+    result = runner.invoke(app, ["compare", str(tiny_run), *args])
+    assert result.exit_code == 0, result.output
+    folder = tiny_run / "compare"
+    for name in (
+        "table1.md",
+        "table1.csv",
+        "table1.json",
+        "table2.md",
+        "table2.json",
+        "assignment.md",
+        "pareto.csv",
+        "pareto.png",
+    ):
+        assert (folder / name).exists(), name
+    rows = json.loads((folder / "table1.json").read_text())["rows"]
+    names = [r["name"] for r in rows]
+    for expected in ("PaSeR", "IDK cascade (IoU match)", "PaSeR-RandPol", "f2_large alone", "Oracle"):
+        assert expected in names
+    assert any(n.startswith("IDK cascade (grid") for n in names) and any(n.startswith("Optimal stopping") for n in names)
+    oracle = next(r for r in rows if r["name"] == "Oracle")
+    for r in rows:  # the oracle bounds every strategy's reward on the same split
+        assert r["mean_reward"] <= oracle["mean_reward"] + 1e-9
+        assert sum(map(sum, r["assignment"])) == 4 * 16
+    table2 = json.loads((folder / "table2.json").read_text())
+    assert {"paser", "idk_iou_match", "gflops_ratio_idk_over_paser", "matched_within_1e-3"} <= set(table2)
+    families = {line.split(",")[0] for line in (folder / "pareto.csv").read_text().splitlines()[1:]}
+    assert {"PaSeR", "IDK cascade", "Optimal stopping", "Oracle", "f0_small alone"} <= families
+    assert "multiply-add" in result.output
+    bad = runner.invoke(app, ["compare", str(tiny_run), "-s", "reward.lam=0.3"])
+    assert bad.exit_code == 2 and "compare.*" in bad.output
+
+
+def test_calibrate_hits_a_share_target_and_keeps_final(tiny_run: Path) -> None:
+    result = runner.invoke(app, ["calibrate", str(tiny_run), "--target-share", "0.5", "--tolerance", "0.2"])
+    assert result.exit_code == 0, result.output
+    calib = json.loads((tiny_run / "calibration.json").read_text())
+    assert calib["metric"] == "share" and calib["knob"] == "logit_bias"
+    assert calib["within_tolerance"] and abs(calib["val"] - 0.5) <= 0.1
+    assert (tiny_run / "checkpoints" / "calibrated.safetensors").exists()
+    latest = json.loads((tiny_run / "checkpoints" / "latest.json").read_text())
+    assert latest["name"] == "final"  # the side checkpoint does not become what --resume continues from
+    again = runner.invoke(app, ["evaluate", str(tiny_run), "--checkpoint", "calibrated"])
+    assert again.exit_code == 0, again.output
+    both = runner.invoke(app, ["calibrate", str(tiny_run)])
+    assert both.exit_code == 2 and "exactly one" in both.output
+    missing = runner.invoke(app, ["evaluate", str(tiny_run), "--checkpoint", "nope"])
+    assert missing.exit_code == 2 and "nope" in missing.output
+
+
+@pytest.mark.parametrize("router", ["idk", "optimal_stopping"])
+def test_train_cascade_routers_from_yaml(tmp_path: Path, router: str) -> None:
+    run_dir = tmp_path / router
+    extra = ["training.cascade.policy_epochs=3", "training.cascade.grid_steps=3"]
+    result = runner.invoke(
+        app, ["train", str(BATTERY), "--run-dir", str(run_dir), *_args(f"router.name={router}", "router.params={}", *extra)]
+    )
+    assert result.exit_code == 0, result.output
+    log = [json.loads(line) for line in (run_dir / "metrics" / "train_log.jsonl").read_text().splitlines()]
+    assert [e["stage"] for e in log][-1] == "fit_cascade"
+    assert "fit/gflops" in log[-1]
+    metrics = json.loads((run_dir / "metrics" / "test.json").read_text())
+    assert metrics["results"][0]["name"] == router

@@ -130,6 +130,10 @@ class PolicyConfig(OptimConfig):
     baseline: Literal["none", "mean", "expected"] = "expected"
     credit: Literal["unit", "input"] = "unit"
     entropy_coef: float = Field(0.0, ge=0)
+    importance_weighting: bool = Field(True, description="Correct explore/exploit sampling with pi(a) / mu(a).")
+    estimator: Literal["reinforce", "all_actions"] = Field(
+        "reinforce", description="Sampled REINFORCE, or the exact expected-reward gradient over all replayed actions."
+    )
 
 
 class FinetuneConfig(OptimConfig):
@@ -143,6 +147,24 @@ class FinetuneConfig(OptimConfig):
     large_lr: float | None = Field(None, gt=0, description="Learning rate of the large models (default: lr).")
     large_on: Literal["routed", "all"] = "routed"
     freeze_bn: bool = Field(True, description="Keep the large models' batch-norm statistics fixed while fine-tuning.")
+    importance_weighting: bool = Field(True, description="Correct explore/exploit sampling with pi(a) / mu(a).")
+
+
+class CascadeFitConfig(_Section):
+    """Fitting of a cascade router (``router.name`` ``idk`` or ``optimal_stopping``) on the frozen zoo."""
+
+    epochs: int = Field(1, ge=0, le=1, description="1 fits the cascade, 0 skips the fit.")
+    lr: float = Field(1e-2, gt=0, description="Learning rate of the optimal-stopping policies.")
+    batch_size: int = Field(16, ge=1, description="Inputs per batch when replaying the zoo's outputs.")
+    weight_decay: float = Field(0.0, ge=0)
+    method: Literal["grid", "iou_match"] = Field("grid", description="IDK: grid search on CE + lam * C, or IoU match.")
+    lam: float = Field(0.1, ge=0, description="IDK: lambda_IDK of the loss CE + lambda_IDK * C (PaSeR Eq. 5).")
+    iou_target: float | None = Field(None, ge=0, le=1, description="IDK iou_match: validation IoU to match within 1e-3.")
+    grid_steps: int = Field(21, ge=2, description="IDK: grid points per stage between mean -/+ 1 std.")
+    alpha: float = Field(0.1, ge=0, description="Optimal stopping: cost weight of the reward -loss - alpha * cost.")
+    policy_epochs: int = Field(60, ge=1, description="Optimal stopping: REINFORCE epochs over the replayed units.")
+    loss: Literal["ce", "acc"] = Field("ce", description="Optimal stopping: per-unit loss, cross-entropy or 1 - accuracy.")
+    split: Literal["val", "rl"] = Field("val", description="Split the cascade is fitted on: validation or D_RL.")
 
 
 class TrainingConfig(_Section):
@@ -152,6 +174,7 @@ class TrainingConfig(_Section):
     pretrain_base: PretrainBaseConfig = Field(default_factory=PretrainBaseConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    cascade: CascadeFitConfig = Field(default_factory=CascadeFitConfig)
 
 
 class EvaluationConfig(_Section):
@@ -161,6 +184,27 @@ class EvaluationConfig(_Section):
     batch_size: int = Field(16, ge=1)
     baselines: list[Literal["single", "random"]] = Field(default_factory=lambda: ["single", "random"])  # type: ignore[arg-type]
     random_seed: int = 0
+
+
+class CompareConfig(_Section):
+    """Settings of ``routerkit compare``: every strategy on the same trained zoo."""
+
+    split: Literal["val", "test"] = "test"
+    batch_size: int = Field(16, ge=1, description="Inputs per batch when replaying the zoo.")
+    idk_lambda: float = Field(0.1, ge=0, description="lambda_IDK of the IDK grid search (loss CE + lambda_IDK * C).")
+    idk_grid_steps: int = Field(21, ge=2)
+    stop_alpha: float | None = Field(None, ge=0, description="Optimal-stopping cost weight (default: reward.lam).")
+    stop_epochs: int = Field(60, ge=1, description="REINFORCE epochs of the stop policies.")
+    pareto: bool = Field(True, description="Run the cost/quality sweep and draw pareto.png.")
+    sweep_lambdas: list[float] = Field(
+        default_factory=lambda: [0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7], description="PaSeR / oracle lambdas."
+    )
+    sweep_policy_epochs: int = Field(40, ge=1, description="Replayed REINFORCE epochs per swept PaSeR policy.")
+    idk_offsets: list[float] = Field(
+        default_factory=lambda: [-2.0, -1.5, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0],
+        description="IDK thresholds: mean + offset * std of each stage's uncertainty (validation split).",
+    )
+    stop_alphas: list[float] = Field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0])
 
 
 class ExperimentConfig(_Section):
@@ -176,6 +220,7 @@ class ExperimentConfig(_Section):
     router: RouterConfig = Field(default_factory=RouterConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    compare: CompareConfig = Field(default_factory=CompareConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:

@@ -213,6 +213,7 @@ class IDKCascade(CascadeRouter):
         Returns:
             ``offset``, realised ``iou``, ``matched`` (1.0 / 0.0).
         """
+
         def iou_at(offset: float) -> float:
             self.set_thresholds(self.thresholds_at(table, offset))
             return table.mean_iou(self.decide_table(table))
@@ -283,6 +284,9 @@ class OptimalStoppingCascade(CascadeRouter):
             raise ValueError(f"Expected num_classes >= 1 (or in_channels = K + 1 >= 2) but got {num_classes}.")
         self.num_classes = num_classes
         self.policies = nn.ModuleList(StopPolicy(num_classes, hidden) for _ in range(num_actions - 1))
+        #: Added to every stop logit when deciding; set by budget calibration (``routerkit calibrate``).
+        self.stop_bias: Tensor
+        self.register_buffer("stop_bias", torch.zeros(()))
 
     def stop_logits(self, stage: int, unit_probs: Tensor, unit_uncertainty: Tensor) -> Tensor:
         """Stop logit of each unit at ``stage``."""
@@ -291,7 +295,7 @@ class OptimalStoppingCascade(CascadeRouter):
         return self.policies[stage](unit_probs.float(), unit_uncertainty.float())
 
     def stop(self, stage: int, unit_probs: Tensor, unit_uncertainty: Tensor) -> Tensor:
-        return self.stop_logits(stage, unit_probs, unit_uncertainty) > 0
+        return self.stop_logits(stage, unit_probs, unit_uncertainty) + self.stop_bias.to(unit_probs.device) > 0
 
     def flops_module(self) -> nn.Module | None:
         return None  # a few hundred flops per unit: negligible next to any task model (documented)

@@ -61,6 +61,14 @@ class PaSeRRouter(Router):
                 bias.copy_(torch.as_tensor(init_bias, dtype=torch.float32))
         self.entropy_scale: Tensor
         self.register_buffer("entropy_scale", torch.tensor(1.0 / math.log(max(in_channels - 1, 2))))
+        #: Added to the logits when deciding; set by budget calibration (``routerkit calibrate``).
+        self.logit_bias: Tensor
+        self.register_buffer("logit_bias", torch.zeros(num_actions))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:  # type: ignore[override]
+        # runs saved before budget calibration existed have no logit_bias: default to zeros
+        state_dict.setdefault(prefix + "logit_bias", torch.zeros_like(self.logit_bias))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
 
     def state_tensor(self, state: BaseOutput) -> Tensor:
         """The policy input ``[B, K + 1, ...]`` (uncertainty scaled to [0, 1])."""
@@ -74,7 +82,7 @@ class PaSeRRouter(Router):
         return self.policy(x)
 
     def _route(self, state: BaseOutput, greedy: bool, generator: torch.Generator | None) -> Tensor:
-        logits = self.logits(state)
+        logits = self.logits(state) + self.logit_bias
         if greedy:
             return logits.argmax(-1)
         probs = torch.softmax(logits.float(), dim=-1).reshape(-1, self.num_actions)

@@ -75,7 +75,9 @@ def _unflatten(skeleton: Any, tensors: Mapping[str, Tensor]) -> Any:
     return skeleton
 
 
-def save_checkpoint(run_dir: Path, name: str, state: Mapping[str, Any], metadata: Mapping[str, Any]) -> Path:
+def save_checkpoint(
+    run_dir: Path, name: str, state: Mapping[str, Any], metadata: Mapping[str, Any], update_latest: bool = True
+) -> Path:
     """Save a nested ``state`` (module/optimizer state dicts, numbers) atomically.
 
     Args:
@@ -83,6 +85,8 @@ def save_checkpoint(run_dir: Path, name: str, state: Mapping[str, Any], metadata
         name: Checkpoint name (``"stage2-epoch0003"``).
         state: Nested mapping whose leaves are tensors, numbers, strings or None.
         metadata: JSON-able information (stage, epoch, config hash, ...).
+        update_latest: Make it the run's latest checkpoint (what ``--resume`` continues from);
+            False for side checkpoints such as ``calibrated``.
 
     Returns:
         Path of the ``.safetensors`` file.
@@ -101,6 +105,8 @@ def save_checkpoint(run_dir: Path, name: str, state: Mapping[str, Any], metadata
         seen.setdefault(ptr, key)
     atomic_write_bytes(folder / f"{name}.safetensors", st_save(tensors))
     atomic_write_json(folder / f"{name}.json", {"metadata": dict(metadata), "skeleton": skeleton})
+    if not update_latest:
+        return folder / f"{name}.safetensors"
     previous = read_latest(run_dir)
     atomic_write_json(folder / LATEST, {"name": name, "metadata": dict(metadata)})
     if previous is not None and previous != name and not previous.startswith("final"):

@@ -19,10 +19,11 @@ from routerkit.config import ConfigError, ExperimentConfig, parse_config
 from routerkit.config.build import Experiment, build_experiment
 from routerkit.flops import FLOP_CONVENTION
 from routerkit.metrics import EvalResult, evaluate_router
-from routerkit.routers import PaSeRRouter, create_router
+from routerkit.routers import CascadeRouter, PaSeRRouter, create_router
 from routerkit.training.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, read_latest, save_checkpoint
 from routerkit.training.stages import (
     BaseModelPretraining,
+    CascadeFitting,
     JointFineTuning,
     LargeModelPretraining,
     PolicyTraining,
@@ -53,7 +54,28 @@ def build_stages(exp: Experiment) -> list[Stage]:
             t.pretrain_base.augment,
         ),
     ]
-    if exp.router.is_trainable:
+    if isinstance(exp.router, CascadeRouter):
+        c = t.cascade
+        stages.append(
+            CascadeFitting(
+                exp.pipeline,
+                exp.router,
+                exp.accuracy,
+                exp.data.val if c.split == "val" else exp.parts["rl"],
+                exp.data.num_classes,
+                _settings(c),
+                seed + 2,
+                c.lam,
+                c.method,
+                c.iou_target,
+                c.grid_steps,
+                c.alpha,
+                c.policy_epochs,
+                c.loss,
+                ignore,
+            )
+        )
+    elif exp.router.is_trainable:
         if not isinstance(exp.router, PaSeRRouter):
             raise ConfigError(
                 f"router {cfg.router.name!r} is trainable but routerkit only knows how to train PaSeR-style policies."
@@ -73,6 +95,8 @@ def build_stages(exp: Experiment) -> list[Stage]:
                 p.baseline,
                 p.credit,
                 p.entropy_coef,
+                importance_weighting=p.importance_weighting,
+                estimator=p.estimator,
             )
         )
         stages.append(
@@ -93,6 +117,7 @@ def build_stages(exp: Experiment) -> list[Stage]:
                 f.large_on,
                 ignore,
                 f.freeze_bn,
+                f.importance_weighting,
             )
         )
     return stages
@@ -325,15 +350,22 @@ def _add_saved_plugin_dirs(run_dir: Path) -> None:
             add_plugin_path(folder)
 
 
-def load_run(run_dir: str | Path) -> Experiment:
-    """Rebuild a run's experiment from its saved config and load its final (or latest) weights."""
+def load_run(run_dir: str | Path, checkpoint: str | None = None) -> Experiment:
+    """Rebuild a run's experiment from its saved config and load its weights.
+
+    Args:
+        run_dir: The run directory.
+        checkpoint: Checkpoint name (e.g. ``"calibrated"``); default: ``final``, else the latest.
+    """
     path = Path(run_dir)
     if not (path / "config.yaml").exists():
         raise ConfigError(f"{path} is not a run directory (no config.yaml).")
     _add_saved_plugin_dirs(path)
     cfg = parse_config(yaml.safe_load((path / "config.yaml").read_text()), str(path / "config.yaml"))
     exp = build_experiment(cfg)
-    name = "final" if (path / "checkpoints" / "final.json").exists() else None
+    name = checkpoint or ("final" if (path / "checkpoints" / "final.json").exists() else None)
+    if checkpoint is not None and not (path / "checkpoints" / f"{checkpoint}.json").exists():
+        raise ConfigError(f"{path} has no checkpoint {checkpoint!r}.")
     state, _ = load_checkpoint(path, name)
     _load_model_state(exp, state["model"])
     return exp

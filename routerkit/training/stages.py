@@ -24,6 +24,7 @@ from routerkit.data import Split
 from routerkit.functional import explore_exploit_sample, linear_schedule, reinforce_loss
 from routerkit.pipeline import RoutedPipeline
 from routerkit.rewards import AccuracyTerm, Reward
+from routerkit.routers.base import Router
 from routerkit.routers.paser import PaSeRRouter
 
 
@@ -210,8 +211,27 @@ def _baseline(kind: str, rewards: Tensor, expected: Tensor | None) -> Tensor:
     return rewards.mean().expand_as(rewards)
 
 
+def importance_weights(logits: Tensor, actions: Tensor, alpha: float) -> Tensor:
+    """``pi(a) / mu(a)`` for actions drawn by the explore/exploit rule ``mu = alpha * pi + (1 - alpha) / A``.
+
+    Without this correction the uniformly explored actions bias the policy gradient: a bad
+    explored action pushes probability *towards the current greedy action*, which locks the
+    policy into whatever it prefers early (see docs/concepts.md).
+    """
+    probs = torch.softmax(logits.detach().float(), -1)
+    chosen = probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+    return chosen / (alpha * chosen + (1.0 - alpha) / logits.shape[-1])
+
+
 def _policy_step(
-    router: PaSeRRouter, logits: Tensor, actions: Tensor, rewards: Tensor, baseline: Tensor, credit: str, entropy_coef: float
+    router: PaSeRRouter,
+    logits: Tensor,
+    actions: Tensor,
+    rewards: Tensor,
+    baseline: Tensor,
+    credit: str,
+    entropy_coef: float,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """REINFORCE loss for per-unit actions (cleanrl-style named quantities)."""
     log_probs_all = torch.log_softmax(logits, dim=-1)
@@ -219,6 +239,8 @@ def _policy_step(
     advantages = rewards - baseline
     if credit == "input":  # the paper's form: every unit's log-prob weighted by the input's total reward
         advantages = advantages.sum(1, keepdim=True).expand_as(advantages)
+    if weights is not None:
+        advantages = advantages * weights
     pg_loss = reinforce_loss(log_probs, advantages)
     entropy_bonus = -(log_probs_all.exp() * log_probs_all).sum(-1).mean()
     loss = pg_loss - entropy_coef * entropy_bonus
@@ -248,6 +270,11 @@ class PolicyTraining(Stage):
         credit: ``"unit"`` (each unit's log-prob times its own reward) or ``"input"`` (times the
             input's summed reward, as written in the paper).
         entropy_coef: Weight of the entropy bonus.
+        cache_batch: Inputs per batch when building the replay cache.
+        importance_weighting: Correct the explore/exploit sampling with ``pi(a) / mu(a)``.
+        estimator: ``"reinforce"`` (sampled actions) or ``"all_actions"``: the exact gradient of the
+            expected reward ``sum_a pi(a|s) r(s, a)``, possible because every model's output is
+            replayed (no sampling, no baseline needed).
     """
 
     name = "policy"
@@ -267,12 +294,17 @@ class PolicyTraining(Stage):
         credit: str = "unit",
         entropy_coef: float = 0.0,
         cache_batch: int = 16,
+        importance_weighting: bool = True,
+        estimator: str = "reinforce",
     ) -> None:
         super().__init__(settings, seed)
         if baseline not in ("none", "mean", "expected"):
             raise ValueError(f"Expected baseline 'none', 'mean' or 'expected' but got {baseline!r}.")
         if credit not in ("unit", "input"):
             raise ValueError(f"Expected credit 'unit' or 'input' but got {credit!r}.")
+        if estimator not in ("reinforce", "all_actions"):
+            raise ValueError(f"Expected estimator 'reinforce' or 'all_actions' but got {estimator!r}.")
+        self.importance_weighting, self.estimator = importance_weighting, estimator
         self.pipeline, self.router, self.reward, self.accuracy, self.data = pipeline, router, reward, accuracy, data
         self.alpha_start, self.alpha_end = alpha_start, alpha_end
         self.baseline, self.credit, self.entropy_coef, self.cache_batch = baseline, credit, entropy_coef, cache_batch
@@ -308,9 +340,24 @@ class PolicyTraining(Stage):
             all_rewards = self.reward(table, table[..., :1].expand_as(table), costs.expand_as(table))
             rewards = all_rewards.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
             expected = (torch.softmax(logits.detach(), -1) * all_rewards).sum(-1)
-            loss, logs = _policy_step(
-                self.router, logits, actions, rewards, _baseline(self.baseline, rewards, expected), self.credit, self.entropy_coef
-            )
+            if self.estimator == "all_actions":
+                log_probs_all = torch.log_softmax(logits, -1)
+                pg_loss = -(log_probs_all.exp() * torch.nan_to_num(all_rewards, nan=0.0)).sum(-1).mean()
+                entropy_bonus = -(log_probs_all.exp() * log_probs_all).sum(-1).mean()
+                loss = pg_loss - self.entropy_coef * entropy_bonus
+                logs = {"losses/pg_loss": float(pg_loss.detach()), "losses/entropy": float(entropy_bonus.detach())}
+            else:
+                weights = importance_weights(logits, actions, alpha) if self.importance_weighting else None
+                loss, logs = _policy_step(
+                    self.router,
+                    logits,
+                    actions,
+                    rewards,
+                    _baseline(self.baseline, rewards, expected),
+                    self.credit,
+                    self.entropy_coef,
+                    weights,
+                )
             self.optimizers["router"].zero_grad(set_to_none=True)
             loss.backward()
             self.optimizers["router"].step()
@@ -377,6 +424,7 @@ class JointFineTuning(Stage):
         large_on: str = "routed",
         ignore_index: int | None = None,
         freeze_bn: bool = True,
+        importance_weighting: bool = True,
     ) -> None:
         super().__init__(settings, seed)
         if large_on not in ("routed", "all"):
@@ -386,7 +434,7 @@ class JointFineTuning(Stage):
         self.pipeline, self.router, self.reward, self.accuracy, self.data = pipeline, router, reward, accuracy, data
         self.alpha_start, self.alpha_end, self.baseline, self.credit = alpha_start, alpha_end, baseline, credit
         self.entropy_coef, self.large_on, self.ignore_index = entropy_coef, large_on, ignore_index
-        self.freeze_bn = freeze_bn
+        self.freeze_bn, self.importance_weighting = freeze_bn, importance_weighting
         self.modules["router"] = router
         self.optimizers["router"] = torch.optim.Adam(router.parameters(), lr=settings.lr)
         for i in range(1, len(pipeline.zoo)):
@@ -434,8 +482,16 @@ class JointFineTuning(Stage):
                 acc_chosen = self.accuracy(execution.unit_probs, unit_targets).reshape(actions.shape)
                 acc_base = self.accuracy(part.split(base.probs), unit_targets).reshape(actions.shape)
                 rewards = self.reward(acc_chosen, acc_base, costs[actions])
+            weights = importance_weights(logits, actions, alpha) if self.importance_weighting else None
             loss, pg_logs = _policy_step(
-                self.router, logits, actions, rewards, _baseline(self.baseline, rewards, None), self.credit, self.entropy_coef
+                self.router,
+                logits,
+                actions,
+                rewards,
+                _baseline(self.baseline, rewards, None),
+                self.credit,
+                self.entropy_coef,
+                weights,
             )
             self.optimizers["router"].zero_grad(set_to_none=True)
             loss.backward()
@@ -447,3 +503,91 @@ class JointFineTuning(Stage):
         out = {k: v / n for k, v in sums.items()}
         out["charts/alpha"] = alpha
         return out
+
+
+class CascadeFitting(Stage):
+    """Fit a cascade on replayed outputs of the frozen zoo (one epoch).
+
+    - `IDKCascade`: grid search of the thresholds on ``data`` (the validation split) for
+      ``CE + lam * C`` (``method="grid"``), or one offset tuned until the cascade's IoU matches
+      ``iou_target`` (``method="iou_match"``).
+    - `OptimalStoppingCascade`: REINFORCE on ``data`` (D_RL) with reward ``-loss - alpha * cost``.
+
+    Args:
+        pipeline: The routed pipeline (zoo frozen).
+        router: The cascade to fit.
+        accuracy: Per-unit accuracy term.
+        data: The split the cascade is fitted on.
+        num_classes: Classes K.
+        settings: ``epochs`` (0 skips the fit), ``lr`` and ``batch_size`` of the stop policies.
+        seed: Random seed.
+        lam: IDK cost weight ``lambda_IDK``.
+        method: ``"grid"`` or ``"iou_match"`` (IDK).
+        iou_target: Target IoU of ``"iou_match"``.
+        grid_steps: Grid points per stage (IDK).
+        alpha: Cost weight of the optimal-stopping reward.
+        policy_epochs: REINFORCE epochs of the stop policies.
+        loss: ``"ce"`` or ``"acc"`` (optimal stopping).
+        ignore_index: Label ignored.
+    """
+
+    name = "fit_cascade"
+
+    def __init__(
+        self,
+        pipeline: RoutedPipeline,
+        router: Router,
+        accuracy: AccuracyTerm,
+        data: Split,
+        num_classes: int,
+        settings: StageSettings,
+        seed: int,
+        lam: float = 0.1,
+        method: str = "grid",
+        iou_target: float | None = None,
+        grid_steps: int = 21,
+        alpha: float = 0.1,
+        policy_epochs: int = 60,
+        loss: str = "ce",
+        ignore_index: int | None = None,
+    ) -> None:
+        from routerkit.routers import CascadeRouter
+
+        super().__init__(settings, seed)
+        if not isinstance(router, CascadeRouter):
+            raise ValueError(f"CascadeFitting needs a cascade router but got {type(router).__name__}.")
+        if method not in ("grid", "iou_match"):
+            raise ValueError(f"Expected method 'grid' or 'iou_match' but got {method!r}.")
+        if method == "iou_match" and iou_target is None:
+            raise ValueError("method 'iou_match' needs an iou_target.")
+        self.pipeline, self.router, self.accuracy, self.data = pipeline, router, accuracy, data
+        self.num_classes, self.lam, self.method, self.iou_target = num_classes, lam, method, iou_target
+        self.grid_steps, self.alpha, self.policy_epochs, self.loss = grid_steps, alpha, policy_epochs, loss
+        self.ignore_index = ignore_index
+        self.modules["router"] = router
+
+    def run_epoch(self, epoch: int) -> dict[str, float]:
+        from routerkit.replay import build_unit_table
+        from routerkit.routers import IDKCascade, OptimalStoppingCascade
+
+        device = next(iter(self.pipeline.zoo.parameters())).device
+        table = build_unit_table(
+            self.pipeline, self.accuracy, self.data, self.num_classes, self.settings.batch_size, self.ignore_index, device
+        )
+        self.router.cpu()
+        if isinstance(self.router, IDKCascade):
+            if self.method == "grid":
+                out = self.router.fit_grid(table, self.lam, self.grid_steps)
+            else:
+                assert self.iou_target is not None
+                out = self.router.fit_iou(table, self.iou_target)
+        elif isinstance(self.router, OptimalStoppingCascade):
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
+            out = self.router.fit(table, self.alpha, self.policy_epochs, self.settings.lr, 512, self.loss, seed)
+        else:
+            raise ValueError(f"No fitting procedure for {type(self.router).__name__}.")
+        self.router.to(device)
+        actions = self.router.decide_table(table)
+        out["iou"] = table.mean_iou(actions)
+        out["gflops"] = table.flops(actions, cascade=True) / 1e9
+        return {f"fit/{k}": float(v) for k, v in out.items()}

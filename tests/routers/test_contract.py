@@ -106,7 +106,7 @@ def test_flags_and_parameters(name: str) -> None:
     if router.is_trainable:
         assert params, f"{name} is trainable but has no trainable parameters"
     if name not in PICK_FIRST:
-        with pytest.raises(RuntimeError, match="RoutedPipeline.route"):  # a clear error, not a wrong answer
+        with pytest.raises(RuntimeError, match=r"RoutedPipeline\.route"):  # a clear error, not a wrong answer
             router.route(spatial_state())
     elif router.is_trainable:
         logits_like = router.route(spatial_state(), greedy=True)  # routing works with gradients enabled

@@ -1,0 +1,483 @@
+"""One harness comparing every strategy on the same trained zoo, data and cost accounting.
+
+`compare_strategies` evaluates PaSeR, the IDK cascade (grid search and IoU-match mode), the
+optimal-stopping cascade, the random policy, each single model and the oracle on one split,
+and writes the PaSeR paper's Table 1 (IoU, GFLOPs, IoU/GigaFlop), Table 2 (IDK in IoU-match
+mode against PaSeR), each router's model-assignment confusion matrix against the oracle and a
+cost/quality Pareto figure. The frozen zoo runs once per split (`routerkit.replay`); every
+sweep point (PaSeR over lambda, IDK over thresholds, optimal stopping over alpha, the oracle
+over lambda) is trained and scored on replayed outputs in seconds.
+
+Table 1 comes from live routed inference (`evaluate_router`: real execution, real FLOP
+accounting). Rewards, assignment matrices and the Pareto sweep come from the replayed table
+of the same split, where the base model's MC-dropout draw is fixed, so every strategy sees the
+same state.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor
+
+from routerkit.config.build import Experiment
+from routerkit.config.schema import CompareConfig
+from routerkit.flops import FLOP_CONVENTION
+from routerkit.metrics import EvalResult, evaluate_router
+from routerkit.replay import UnitTable, build_unit_table
+from routerkit.rewards import PaSeRReward
+from routerkit.routers import (
+    CascadeRouter,
+    IDKCascade,
+    OptimalStoppingCascade,
+    OracleRouter,
+    PaSeRRouter,
+    RandomRouter,
+    Router,
+    SingleModelRouter,
+)
+from routerkit.training.checkpoint import atomic_write_bytes, atomic_write_json
+from routerkit.training.stages import PolicyTraining, StageSettings
+from routerkit.uncertainty import BaseOutput
+
+
+@dataclass
+class StrategyRow:
+    """One strategy of Table 1.
+
+    Attributes:
+        name: Display name.
+        kind: ``pick-first``, ``cascade``, ``baseline`` or ``oracle``.
+        result: Live evaluation on the split.
+        mean_reward: Mean per-unit PaSeR reward of its decisions on the replayed split.
+        oracle_gain_share: ``(R - R_f0) / (R_oracle - R_f0)``: share of the oracle's reward gain over f_0 alone.
+        assignment: ``[A, A]`` counts, rows = the oracle's model, columns = this strategy's.
+        agreement: Share of units where it chose the oracle's model.
+    """
+
+    name: str
+    kind: str
+    result: EvalResult
+    mean_reward: float
+    oracle_gain_share: float
+    assignment: list[list[int]]
+    agreement: float
+
+
+@dataclass
+class ParetoPoint:
+    """One point of the cost/quality sweep (replayed split)."""
+
+    family: str
+    parameter: str
+    value: float
+    mean_iou: float
+    gflops: float
+    usage: list[float]
+
+
+@dataclass
+class CompareReport:
+    """Everything `compare_strategies` computed."""
+
+    split: str
+    rows: list[StrategyRow]
+    table2: dict[str, Any]
+    pareto: list[ParetoPoint] = field(default_factory=list)
+    model_names: list[str] = field(default_factory=list)
+
+
+def _decide(router: Router, table: UnitTable, reward: PaSeRReward) -> Tensor:
+    """Greedy decisions ``[N, P]`` of ``router`` on a replayed table."""
+    if isinstance(router, OracleRouter):
+        return router.decide_table(table)
+    if isinstance(router, CascadeRouter):
+        return router.decide_table(table)
+    with torch.no_grad():
+        return router.route(table.base, greedy=True)
+
+
+def _policy_flops(exp: Experiment, router: Router, table: UnitTable) -> float:
+    if router.flops_module() is None:
+        return 0.0
+    return float(exp.pipeline.policy_flops(router, BaseOutput(table.base.probs[:1], table.base.uncertainty[:1])))
+
+
+def _table_point(exp: Experiment, router: Router, table: UnitTable, reward: PaSeRReward) -> tuple[float, float, list[float]]:
+    actions = _decide(router, table, reward)
+    passes = exp.pipeline.base_passes(router)
+    flops = table.flops(actions, cascade=router.is_cascade, base_passes=passes, policy_flops=_policy_flops(exp, router, table))
+    return table.mean_iou(actions), flops / 1e9, table.usage(actions)
+
+
+def train_paser_on_table(
+    exp: Experiment, table: UnitTable, lam: float, epochs: int, seed: int, template: PaSeRRouter | None = None
+) -> PaSeRRouter:
+    """A fresh PaSeR policy trained by REINFORCE on a replayed table with cost weight ``lam``."""
+    torch.manual_seed(seed)
+    if template is not None:
+        router = copy.deepcopy(template).cpu()
+        for module in router.modules():
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset):
+                reset()
+    else:
+        router = PaSeRRouter(
+            len(exp.zoo),
+            exp.pipeline.partitioner.grid_shape,
+            exp.data.num_classes + 1,
+            spatial=table.base.probs.dim() > 2,
+        )
+    p = exp.config.training.policy
+    stage = PolicyTraining(
+        exp.pipeline,
+        router,
+        PaSeRReward(lam),
+        exp.accuracy,
+        exp.parts["rl"],
+        StageSettings(epochs, p.lr, p.batch_size, p.weight_decay),
+        seed,
+        p.alpha_start,
+        p.alpha_end,
+        p.baseline,
+        p.credit,
+        p.entropy_coef,
+        importance_weighting=p.importance_weighting,
+        estimator=p.estimator,
+    )
+    stage._cache = (table.base.probs, table.base.uncertainty, table.accuracy)
+    for epoch in range(epochs):
+        stage.run_epoch(epoch)
+    return router.eval()
+
+
+def _assignment(oracle: Tensor, chosen: Tensor, num_actions: int) -> tuple[list[list[int]], float]:
+    flat = oracle.reshape(-1) * num_actions + chosen.reshape(-1)
+    counts = torch.bincount(flat, minlength=num_actions * num_actions).reshape(num_actions, num_actions)
+    return counts.tolist(), float((oracle == chosen).double().mean())
+
+
+def compare_strategies(exp: Experiment, settings: CompareConfig, console: Console | None = None) -> CompareReport:
+    """Evaluate every strategy on ``exp``'s trained zoo (see the module docstring).
+
+    Args:
+        exp: A trained experiment (e.g. from `routerkit.training.load_run`).
+        settings: The ``compare`` section of the config.
+        console: Where progress is printed.
+
+    Returns:
+        The report (also see `write_report`).
+    """
+    console = console or Console()
+    cfg, data, pipe = exp.config, exp.data, exp.pipeline
+    device = cfg.run.device
+    split = data.splits()[settings.split]
+    k, num_actions, grid = data.num_classes, len(exp.zoo), pipe.partitioner.grid_shape
+    lam = cfg.reward.lam
+    reward = PaSeRReward(lam)
+    exp.zoo.eval()
+
+    def table_of(part: Any) -> UnitTable:
+        return build_unit_table(pipe, exp.accuracy, part, k, settings.batch_size, data.ignore_index, device)
+
+    console.print("Replaying the frozen zoo on the validation, D_RL and evaluation splits ...")
+    val_t, rl_t, test_t = table_of(data.val), table_of(exp.parts["rl"]), table_of(split)
+
+    if isinstance(exp.router, PaSeRRouter):
+        paser = exp.router
+    else:
+        console.print("The run's router is not PaSeR: training a PaSeR policy on the replayed D_RL ...")
+        paser = train_paser_on_table(exp, rl_t, lam, cfg.training.policy.epochs, cfg.run.seed)
+    paser.eval()
+    paser_val_iou = val_t.mean_iou(_decide(paser.cpu(), val_t, reward))
+
+    idk = IDKCascade(num_actions, grid_shape=grid, in_channels=k + 1)
+    idk_fit = idk.fit_grid(val_t, settings.idk_lambda, settings.idk_grid_steps)
+    idk_match = IDKCascade(num_actions, grid_shape=grid, in_channels=k + 1)
+    match_fit = idk_match.fit_iou(val_t, paser_val_iou)
+    stopping = OptimalStoppingCascade(num_actions, grid_shape=grid, in_channels=k + 1)
+    stop_alpha = lam if settings.stop_alpha is None else settings.stop_alpha
+    stopping.fit(rl_t, stop_alpha, settings.stop_epochs, seed=cfg.run.seed)
+    oracle = OracleRouter(num_actions, k, lam, cfg.reward.accuracy, data.ignore_index, grid_shape=grid, in_channels=k + 1)
+
+    strategies: list[tuple[str, str, Router]] = [
+        ("PaSeR", "pick-first", paser),
+        (f"IDK cascade (grid, lambda_IDK={settings.idk_lambda:g})", "cascade", idk),
+        ("IDK cascade (IoU match)", "cascade", idk_match),
+        (f"Optimal stopping (alpha={stop_alpha:g})", "cascade", stopping),
+        ("PaSeR-RandPol", "baseline", RandomRouter(num_actions, grid_shape=grid, seed=cfg.evaluation.random_seed)),
+    ]
+    for i, name in enumerate(exp.zoo.names):
+        strategies.append((f"{name} alone", "baseline", SingleModelRouter(num_actions, index=i, grid_shape=grid)))
+    strategies.append(("Oracle", "oracle", oracle))
+
+    all_rewards = test_t.rewards(reward)
+    oracle_actions = oracle.decide_table(test_t)
+    r_oracle = float(test_t.gather(all_rewards, oracle_actions).nanmean())
+    r_base = float(all_rewards[..., 0].nanmean())
+    rows: list[StrategyRow] = []
+    for name, kind, router in strategies:
+        router.to(device)
+        console.print(f"Evaluating {name} ...")
+        result = evaluate_router(pipe, router, split, k, name, cfg.evaluation.batch_size, data.ignore_index, device)
+        router.cpu()
+        actions = _decide(router, test_t, reward)
+        r = float(test_t.gather(all_rewards, actions).nanmean())
+        share = (r - r_base) / (r_oracle - r_base) if r_oracle > r_base else float("nan")
+        matrix, agreement = _assignment(oracle_actions, actions, num_actions)
+        rows.append(StrategyRow(name, kind, result, r, share, matrix, agreement))
+    paser.to(device)
+
+    by_name = {row.name: row for row in rows}
+    p_row, m_row = by_name["PaSeR"], by_name["IDK cascade (IoU match)"]
+    table2 = {
+        "target_val_iou": paser_val_iou,
+        "idk_val_iou": match_fit["iou"],
+        "matched_within_1e-3": bool(match_fit["matched"]),
+        "idk_offset_std": match_fit["offset"],
+        "paser": {"mean_iou": p_row.result.mean_iou, "gflops": p_row.result.gflops},
+        "idk_iou_match": {"mean_iou": m_row.result.mean_iou, "gflops": m_row.result.gflops},
+        "gflops_ratio_idk_over_paser": m_row.result.gflops / p_row.result.gflops if p_row.result.gflops > 0 else float("nan"),
+        "idk_grid_fit": idk_fit,
+    }
+    report = CompareReport(settings.split, rows, table2, [], list(exp.zoo.names))
+    if settings.pareto:
+        report.pareto = pareto_sweep(exp, settings, rl_t, val_t, test_t, paser, console)
+    return report
+
+
+def pareto_sweep(
+    exp: Experiment,
+    settings: CompareConfig,
+    rl_t: UnitTable,
+    val_t: UnitTable,
+    test_t: UnitTable,
+    paser: PaSeRRouter,
+    console: Console,
+) -> list[ParetoPoint]:
+    """Cost/quality points of every family on the replayed evaluation split."""
+    lam = exp.config.reward.lam
+    reward = PaSeRReward(lam)
+    num_actions, grid, k = len(exp.zoo), exp.pipeline.partitioner.grid_shape, exp.data.num_classes
+    points: list[ParetoPoint] = []
+
+    def add(family: str, parameter: str, value: float, router: Router) -> None:
+        iou, gflops, usage = _table_point(exp, router, test_t, reward)
+        points.append(ParetoPoint(family, parameter, float(value), iou, gflops, usage))
+
+    console.print(f"Pareto sweep: PaSeR over lambda {settings.sweep_lambdas} (replayed outputs) ...")
+    for value in settings.sweep_lambdas:
+        router = train_paser_on_table(exp, rl_t, value, settings.sweep_policy_epochs, exp.config.run.seed, paser)
+        add("PaSeR", "lambda", value, router)
+    idk = IDKCascade(num_actions, grid_shape=grid, in_channels=k + 1)
+    for offset in settings.idk_offsets:
+        idk.set_thresholds(idk.thresholds_at(val_t, offset))
+        add("IDK cascade", "threshold offset (std)", offset, idk)
+    for alpha in settings.stop_alphas:
+        stopping = OptimalStoppingCascade(num_actions, grid_shape=grid, in_channels=k + 1)
+        stopping.fit(rl_t, alpha, settings.stop_epochs, seed=exp.config.run.seed)
+        add("Optimal stopping", "alpha", alpha, stopping)
+    for i, name in enumerate(exp.zoo.names):
+        add(f"{name} alone", "model", i, SingleModelRouter(num_actions, index=i, grid_shape=grid))
+    for value in settings.sweep_lambdas:
+        add("Oracle", "lambda", value, OracleRouter(num_actions, k, value, exp.config.reward.accuracy, grid_shape=grid))
+    return points
+
+
+def _fmt(v: float, digits: int = 4) -> str:
+    return f"{v:.{digits}f}"
+
+
+def table1_markdown(report: CompareReport) -> str:
+    """The paper's Table 1 as markdown."""
+    names = report.model_names
+    head = ["strategy", "mean IoU", "GFLOPs", "IoU/GigaFlop", "mean reward", "oracle gain share", *[f"% {n}" for n in names]]
+    lines = [
+        f"Split: {report.split}. GFLOPs per input count every pass that ran ({FLOP_CONVENTION}).",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for row in report.rows:
+        r = row.result
+        cells = [
+            row.name,
+            _fmt(r.mean_iou),
+            _fmt(r.gflops),
+            f"{r.iou_per_gflop:.2f}",
+            _fmt(row.mean_reward),
+            f"{100 * row.oracle_gain_share:.1f}%",
+            *[f"{100 * u:.1f}" for u in r.usage],
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def table2_markdown(report: CompareReport) -> str:
+    """The paper's Table 2 (IDK in IoU-match mode against PaSeR) as markdown."""
+    t = report.table2
+    return "\n".join(
+        [
+            f"IDK thresholds tuned on the validation split to PaSeR's validation IoU {t['target_val_iou']:.4f} "
+            f"(reached {t['idk_val_iou']:.4f}, matched within 1e-3: {t['matched_within_1e-3']}).",
+            "",
+            "| strategy | mean IoU | GFLOPs |",
+            "|---|---|---|",
+            f"| PaSeR | {t['paser']['mean_iou']:.4f} | {t['paser']['gflops']:.4f} |",
+            f"| IDK cascade (IoU match) | {t['idk_iou_match']['mean_iou']:.4f} | {t['idk_iou_match']['gflops']:.4f} |",
+            "",
+            f"IDK needs {t['gflops_ratio_idk_over_paser']:.2f}x PaSeR's GFLOPs.",
+            "",
+        ]
+    )
+
+
+def assignment_markdown(report: CompareReport) -> str:
+    """Each router's model-assignment confusion matrix against the oracle."""
+    names = report.model_names
+    out = ["Rows: the oracle's model; columns: the strategy's model (units of the replayed split).", ""]
+    for row in report.rows:
+        if row.kind == "oracle":
+            continue
+        out += [f"**{row.name}** (agreement {100 * row.agreement:.1f}%)", "", "| oracle \\ chosen | " + " | ".join(names) + " |"]
+        out.append("|" + "---|" * (len(names) + 1))
+        for name, counts in zip(names, row.assignment, strict=True):
+            out.append(f"| {name} | " + " | ".join(str(c) for c in counts) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_report(report: CompareReport, folder: Path) -> list[Path]:
+    """Write ``table1.{md,csv,json}``, ``table2.{md,json}``, ``assignment.{md,json}`` and ``pareto.{csv,png}``."""
+    folder = Path(folder)
+    written: list[Path] = []
+
+    def text(name: str, content: str) -> None:
+        atomic_write_bytes(folder / name, content.encode())
+        written.append(folder / name)
+
+    text("table1.md", table1_markdown(report))
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(
+        ["strategy", "kind", "mean_iou", "gflops_per_input", "iou_per_gflop", "mean_reward", "oracle_gain_share", "agreement"]
+        + [f"usage_{n}" for n in report.model_names]
+    )
+    for row in report.rows:
+        r = row.result
+        writer.writerow(
+            [row.name, row.kind, f"{r.mean_iou:.6f}", f"{r.gflops:.6f}", f"{r.iou_per_gflop:.6f}", f"{row.mean_reward:.6f}"]
+            + [f"{row.oracle_gain_share:.6f}", f"{row.agreement:.6f}"]
+            + [f"{u:.4f}" for u in r.usage]
+        )
+    text("table1.csv", buf.getvalue())
+    atomic_write_json(
+        folder / "table1.json",
+        {
+            "split": report.split,
+            "flop_convention": FLOP_CONVENTION,
+            "rows": [{**asdict(row), "result": row.result.to_dict()} for row in report.rows],
+        },
+    )
+    written.append(folder / "table1.json")
+    text("table2.md", table2_markdown(report))
+    atomic_write_json(folder / "table2.json", report.table2)
+    written.append(folder / "table2.json")
+    text("assignment.md", assignment_markdown(report))
+    atomic_write_json(
+        folder / "assignment.json",
+        {"models": report.model_names, "rows": {r.name: r.assignment for r in report.rows if r.kind != "oracle"}},
+    )
+    written.append(folder / "assignment.json")
+    if report.pareto:
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(
+            ["family", "parameter", "value", "mean_iou", "gflops_per_input", *[f"usage_{n}" for n in report.model_names]]
+        )
+        for p in report.pareto:
+            writer.writerow(
+                [p.family, p.parameter, p.value, f"{p.mean_iou:.6f}", f"{p.gflops:.6f}", *[f"{u:.4f}" for u in p.usage]]
+            )
+        text("pareto.csv", buf.getvalue())
+        written.append(pareto_figure(report, folder / "pareto.png"))
+    return written
+
+
+def pareto_figure(report: CompareReport, path: Path) -> Path:
+    """Cost/quality figure: one curve per swept family, single models as points, the oracle as the frontier."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    families: dict[str, list[ParetoPoint]] = {}
+    for p in report.pareto:
+        families.setdefault(p.family, []).append(p)
+    styles = {"PaSeR": "o-", "IDK cascade": "s-", "Optimal stopping": "^-", "Oracle": "k--"}
+    for family, pts in families.items():
+        pts = sorted(pts, key=lambda q: q.gflops)
+        xs, ys = [q.gflops for q in pts], [q.mean_iou for q in pts]
+        if family in styles:
+            ax.plot(xs, ys, styles[family], label=family, markersize=4, linewidth=1.2)
+        else:
+            ax.plot(xs, ys, "*", markersize=11, label=family)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"GFLOPs per input (log; {FLOP_CONVENTION})")
+    ax.set_ylabel("mean IoU")
+    ax.set_title(f"Cost / quality on the {report.split} split (replayed outputs)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def print_report(report: CompareReport, console: Console) -> None:
+    """Rich tables of Table 1 and Table 2."""
+    table = Table(title=f"Table 1 — {report.split} split, GFLOPs per input ({FLOP_CONVENTION})")
+    for col in ("strategy", "mean IoU", "GFLOPs", "IoU/GigaFlop", "reward", "oracle gain", "agree"):
+        table.add_column(col, justify="left" if col == "strategy" else "right")
+    for name in report.model_names:
+        table.add_column(f"% {name}", justify="right")
+    for row in report.rows:
+        r = row.result
+        table.add_row(
+            row.name,
+            _fmt(r.mean_iou),
+            _fmt(r.gflops),
+            f"{r.iou_per_gflop:.2f}",
+            _fmt(row.mean_reward),
+            f"{100 * row.oracle_gain_share:.0f}%",
+            f"{100 * row.agreement:.0f}%",
+            *[f"{100 * u:.1f}" for u in r.usage],
+        )
+    console.print(table)
+    console.print(table2_markdown(report))
+
+
+def report_to_json(report: CompareReport) -> str:
+    """The whole report as JSON text."""
+    return json.dumps(
+        {
+            "split": report.split,
+            "rows": [{**asdict(r), "result": r.result.to_dict()} for r in report.rows],
+            "table2": report.table2,
+            "pareto": [asdict(p) for p in report.pareto],
+        },
+        indent=2,
+    )
