@@ -11,12 +11,12 @@ regions of large segregated grains (correlation length ``coarse_scale`` pixels) 
 where the phases are finely interspersed (``fine_scale``, close to the resolution limit). The
 fineness map is returned too (``meta["fineness"]``) so routing can be inspected.
 
-Pore and carbon binder have the same mean grey value: the binder shows fibrous streaks of one
-direction where a filled pore shows isotropic speckle of the same energy, so telling them apart
-takes several oriented filters (model capacity), while the bright nickel is easy for any
-model. Segregated areas are dense nickel (``coarse_fractions``) and easy for the tiny base model;
-interspersed areas are binder- and pore-rich agglomerates (``fine_fractions``) that need the
-larger models.
+In segregated areas the three phases have distinct grey values (pore darkest, binder grey,
+nickel bright), and grains are large: easy for the tiny base model. In finely interspersed
+areas, binder- and pore-rich agglomerates (``fine_fractions``), the coarse scan averages pore
+and binder to one grey value (``partial_volume``); there only the binder's fibrous streaks of
+one direction, against a filled pore's isotropic speckle of the same energy, tell them apart,
+which takes several oriented filters (model capacity): the larger models' job.
 
 Everything is deterministic given ``seed``.
 """
@@ -109,18 +109,18 @@ def generate_battery(
     width: int = 128,
     seed: int = 0,
     coarse_scale: float = 6.0,
-    fine_scale: float = 2.0,
+    fine_scale: float = 3.5,
     region_scale: float = 14.0,
     fine_share: float = 0.4,
     coarse_fractions: tuple[float, float, float] = (0.08, 0.12, 0.80),
     fine_fractions: tuple[float, float, float] = (0.30, 0.35, 0.35),
-    intensities: tuple[float, float, float] = (0.35, 0.35, 0.75),
-    partial_volume: float = 0.0,
+    intensities: tuple[float, float, float] = (0.15, 0.35, 0.75),
+    partial_volume: float = 1.0,
     independent_binder: float = 0.0,
     texture: float | tuple[float, float, float] = (0.02, 0.02, 0.04),
     texture_scale: float = 1.2,
-    fibres: float = 0.14,
-    fibre_wavelength: float = 6.0,
+    fibres: float = 0.2,
+    fibre_wavelength: float = 5.0,
     psf_sigma: float = 0.7,
     downsample: int = 2,
     noise: float = 0.05,
@@ -139,11 +139,9 @@ def generate_battery(
         fine_share: Expected share of the image that is finely interspersed.
         coarse_fractions: Phase fractions (pore, carbon, nickel) in segregated regions (dense nickel).
         fine_fractions: Phase fractions in interspersed regions (binder- and pore-rich agglomerates).
-        intensities: Mean grey value of each phase (segregated regions). By default pore and binder
-            share one grey value, as in scans where the binder is nano-porous and epoxy-filled.
+        intensities: Mean grey value of each phase in segregated regions.
         partial_volume: Share of the pore / binder contrast lost where phases are finely
-            interspersed (partial-volume effect of the coarse scan); only matters when
-            ``intensities`` gives pore and binder different grey values.
+            interspersed (partial-volume effect of the coarse scan; 1 = one grey value there).
         texture: Std of the high-frequency texture, one value or one per phase (a nano-porous carbon
             binder is grainy where a filled pore is smooth).
         texture_scale: Correlation length (px) of that texture.

@@ -6,7 +6,8 @@ import math
 
 import pytest
 import torch
-from torch import Tensor, nn
+from _known import K, KnownModel, known_split
+from torch import Tensor
 
 from routerkit import PatchGrid, RoutedPipeline, WholeInput, Zoo
 from routerkit.data import Split
@@ -22,41 +23,6 @@ from routerkit.routers import (
     SingleModelRouter,
 )
 from routerkit.training.stages import PolicyTraining, StageSettings
-
-K = 3
-
-
-class KnownModel(nn.Module):
-    """Classifier confidently right on inputs of ``good`` groups, elsewhere wrong and nearly uniform (high entropy).
-
-    Inputs are ``[B, 4]``: ``x[:, 0]`` the label, ``x[:, 1]`` the group (0 or 1), the rest noise.
-    ``width`` sets its parameter count (its cost) through a hidden layer that runs but does not
-    change the output.
-    """
-
-    def __init__(self, good: tuple[int, ...], width: int) -> None:
-        super().__init__()
-        self.good = good
-        self.hidden = nn.Linear(4, width)
-
-    def forward(self, x: Tensor) -> Tensor:
-        label = x[:, 0].round().long().clamp(0, K - 1)
-        group = x[:, 1].round().long()
-        good = torch.zeros_like(label, dtype=torch.bool)
-        for g in self.good:
-            good |= group == g
-        confident = 8.0 * nn.functional.one_hot(label, K).float()
-        unsure = 0.3 * nn.functional.one_hot((label + 1) % K, K).float()
-        logits = torch.where(good.unsqueeze(1), confident, unsure)
-        return logits + 0.0 * self.hidden(x).sum(1, keepdim=True)
-
-
-def known_split(n: int, seed: int) -> Split:
-    gen = torch.Generator().manual_seed(seed)
-    label = torch.randint(0, K, (n,), generator=gen)
-    group = torch.arange(n) % 2
-    x = torch.cat([label.float().unsqueeze(1), group.float().unsqueeze(1), torch.randn(n, 2, generator=gen)], 1)
-    return Split(x, label)
 
 
 @pytest.fixture
