@@ -72,9 +72,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     h, w, grid = 112, 128, (4, 4)
-    zoo = Zoo(
-        [UNet(1, 3, 2, 3, dropout=0.1), UNet(1, 3, 8, 3), UNet(1, 3, 24, 3)], names=["f0_small", "f1_medium", "f2_large"]
-    ).eval()
+    zoo = Zoo({"f0_small": UNet(1, 3, 2, 3, dropout=0.1), "f1_medium": UNet(1, 3, 8, 3), "f2_large": UNet(1, 3, 24, 3)}).eval()
     pipe = RoutedPipeline(zoo, PatchGrid(*grid), "mc_dropout", "flops", (1, h, w))
     pipe.estimator.num_passes = args.passes  # type: ignore[attr-defined]
     policy = PaSeRRouter(3, grid, in_channels=4).eval()
@@ -106,6 +104,9 @@ def main() -> None:
                     zoo[i](units[idx])
 
         t_parts = best_of(parts, args.repeats)
+        t_base = best_of(lambda: pipe.estimator(zoo.base, x), args.repeats)
+        state = pipe.estimator(zoo.base, x)
+        t_policy = best_of(lambda: policy.logits(state), args.repeats)
 
         def per_patch_loop() -> None:
             base = pipe.estimator(zoo.base, x)
@@ -135,6 +136,8 @@ def main() -> None:
         f"| sum of parts (f_0 MC passes + policy + each model on its stacked units) | {t_parts:.4f} | "
         f"overhead {100 * (t_pipe / t_parts - 1):+.1f}% |"
     )
+    print(f"| of which f_0's {args.passes} MC-dropout passes (one batched forward) | {t_base:.4f} | {t_base / t_pipe:.2f} |")
+    print(f"| of which the policy network | {t_policy:.4f} | {t_policy / t_pipe:.2f} |")
     print(f"| per-patch Python loop (batch 1 per patch) | {t_loop:.4f} | pipeline {t_loop / t_pipe:.1f}x faster |")
     print(f"| largest model on every patch | {t_large:.4f} | wall-clock speed-up {t_large / t_pipe:.2f}x |")
     print(

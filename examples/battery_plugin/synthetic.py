@@ -80,7 +80,11 @@ def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
 
 
 def _phases(
-    field: Tensor, fine: Tensor, coarse_fractions: tuple[float, ...], fine_fractions: tuple[float, ...], split_field: Tensor | None = None
+    field: Tensor,
+    fine: Tensor,
+    coarse_fractions: tuple[float, ...],
+    fine_fractions: tuple[float, ...],
+    split_field: Tensor | None = None,
 ) -> Tensor:
     """Threshold a unit-variance field with cuts that move with the fineness map.
 
@@ -142,6 +146,9 @@ def generate_battery(
         intensities: Mean grey value of each phase in segregated regions.
         partial_volume: Share of the pore / binder contrast lost where phases are finely
             interspersed (partial-volume effect of the coarse scan; 1 = one grey value there).
+        independent_binder: In interspersed regions, how far the pore / binder split follows a field
+            independent of the nickel (0: pores nested inside binder bands; 1: independent), which
+            removes the geometric cue and leaves only texture.
         texture: Std of the high-frequency texture, one value or one per phase (a nano-porous carbon
             binder is grainy where a filled pore is smooth).
         texture_scale: Correlation length (px) of that texture.
@@ -183,7 +190,9 @@ def generate_battery(
         field = (1.0 - fine) * coarse_field + fine * fine_field
         split = None
         if independent_binder > 0:
-            other = (1.0 - fine) * _smooth_noise(shape, coarse_scale, generator) + fine * _smooth_noise(shape, fine_scale, generator)
+            other = (1.0 - fine) * _smooth_noise(shape, coarse_scale, generator) + fine * _smooth_noise(
+                shape, fine_scale, generator
+            )
             split = (1.0 - independent_binder * fine) * field + independent_binder * fine * other
         label = _phases(field, fine, coarse_fractions, fine_fractions, split)
         mid = 0.5 * (level[0] + level[1])

@@ -197,9 +197,9 @@ class CompareConfig(_Section):
     stop_epochs: int = Field(60, ge=1, description="REINFORCE epochs of the stop policies.")
     pareto: bool = Field(True, description="Run the cost/quality sweep and draw pareto.png.")
     sweep_lambdas: list[float] = Field(
-        default_factory=lambda: [0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7], description="PaSeR / oracle lambdas."
+        default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7], description="PaSeR / oracle lambdas."
     )
-    sweep_policy_epochs: int = Field(40, ge=1, description="Replayed REINFORCE epochs per swept PaSeR policy.")
+    sweep_policy_epochs: int = Field(25, ge=1, description="Replayed REINFORCE epochs per swept PaSeR policy.")
     idk_offsets: list[float] = Field(
         default_factory=lambda: [-2.0, -1.5, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0],
         description="IDK thresholds: mean + offset * std of each stage's uncertainty (validation split).",
