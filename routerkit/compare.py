@@ -96,7 +96,7 @@ class CompareReport:
     model_names: list[str] = field(default_factory=list)
 
 
-def _decide(router: Router, table: UnitTable, reward: PaSeRReward) -> Tensor:
+def _decide(router: Router, table: UnitTable, reward: PaSeRReward | None = None) -> Tensor:
     """Greedy decisions ``[N, P]`` of ``router`` on a replayed table."""
     if isinstance(router, OracleRouter):
         return router.decide_table(table)
@@ -153,8 +153,8 @@ def train_paser_on_table(
         p.entropy_coef,
         importance_weighting=p.importance_weighting,
         estimator=p.estimator,
+        cache=(table.base.probs, table.base.uncertainty, table.accuracy),
     )
-    stage._cache = (table.base.probs, table.base.uncertainty, table.accuracy)
     for epoch in range(epochs):
         stage.run_epoch(epoch)
     return router.eval()

@@ -275,6 +275,8 @@ class PolicyTraining(Stage):
         estimator: ``"reinforce"`` (sampled actions) or ``"all_actions"``: the exact gradient of the
             expected reward ``sum_a pi(a|s) r(s, a)``, possible because every model's output is
             replayed (no sampling, no baseline needed).
+        cache: An already built ``(probs, uncertainty, accuracy)`` replay cache of ``data`` (e.g.
+            from a `UnitTable`); built on first use when ``None``.
     """
 
     name = "policy"
@@ -296,6 +298,7 @@ class PolicyTraining(Stage):
         cache_batch: int = 16,
         importance_weighting: bool = True,
         estimator: str = "reinforce",
+        cache: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> None:
         super().__init__(settings, seed)
         if baseline not in ("none", "mean", "expected"):
@@ -310,7 +313,7 @@ class PolicyTraining(Stage):
         self.baseline, self.credit, self.entropy_coef, self.cache_batch = baseline, credit, entropy_coef, cache_batch
         self.modules["router"] = router
         self.optimizers["router"] = torch.optim.Adam(router.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-        self._cache: tuple[Tensor, Tensor, Tensor] | None = None
+        self._cache: tuple[Tensor, Tensor, Tensor] | None = cache
 
     def num_steps(self) -> int:
         return -(-len(self.data) // self.settings.batch_size)

@@ -99,8 +99,16 @@ def test_paser_learns_the_halves_on_the_known_zoo(known: tuple[RoutedPipeline, S
     table = build_unit_table(pipe, Correctness(K), split, K)
     torch.manual_seed(0)
     router = PaSeRRouter(3, in_channels=K + 1, spatial=False, width=8)
-    stage = PolicyTraining(pipe, router, PaSeRReward(0.1), Correctness(K), split, StageSettings(120, 1e-2, 20), 0)
-    stage._cache = (table.base.probs, table.base.uncertainty, table.accuracy)
+    stage = PolicyTraining(
+        pipe,
+        router,
+        PaSeRReward(0.1),
+        Correctness(K),
+        split,
+        StageSettings(120, 1e-2, 20),
+        0,
+        cache=(table.base.probs, table.base.uncertainty, table.accuracy),
+    )
     for epoch in range(120):
         stage.run_epoch(epoch)
     acc, actions, _ = _accuracy(pipe, router.eval(), split)

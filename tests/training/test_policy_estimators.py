@@ -38,8 +38,8 @@ def _train(baseline: str, importance_weighting: bool, estimator: str = "reinforc
         baseline=baseline,
         importance_weighting=importance_weighting,
         estimator=estimator,
+        cache=(table.base.probs, table.base.uncertainty, table.accuracy),
     )
-    stage._cache = (table.base.probs, table.base.uncertainty, table.accuracy)
     for epoch in range(120):
         stage.run_epoch(epoch)
     actions = router.eval().route(table.base)[:, 0]
