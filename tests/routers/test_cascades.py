@@ -22,7 +22,6 @@ from routerkit.routers import (
     RandomRouter,
     SingleModelRouter,
 )
-from routerkit.training.stages import PolicyTraining, StageSettings
 
 
 @pytest.fixture
@@ -92,28 +91,6 @@ def test_optimal_stopping_learns_to_stop_where_the_stage_is_right(known: tuple[R
     stingy = OptimalStoppingCascade(3, in_channels=K + 1)
     stingy.fit(table, alpha=50.0, epochs=60, lr=3e-2, batch_size=32)
     assert bool((stingy.decide_table(table) == 0).all())
-
-
-def test_paser_learns_the_halves_on_the_known_zoo(known: tuple[RoutedPipeline, Split]) -> None:
-    pipe, split = known
-    table = build_unit_table(pipe, Correctness(K), split, K)
-    torch.manual_seed(0)
-    router = PaSeRRouter(3, in_channels=K + 1, spatial=False, width=8)
-    stage = PolicyTraining(
-        pipe,
-        router,
-        PaSeRReward(0.1),
-        Correctness(K),
-        split,
-        StageSettings(120, 1e-2, 20),
-        0,
-        cache=(table.base.probs, table.base.uncertainty, table.accuracy),
-    )
-    for epoch in range(120):
-        stage.run_epoch(epoch)
-    acc, actions, _ = _accuracy(pipe, router.eval(), split)
-    assert acc == 1.0
-    assert table.usage(actions.unsqueeze(1)) == pytest.approx([0.5, 0.5, 0.0])
 
 
 # --- segmentation: replay equals live routing; the oracle bounds every router -------------------
