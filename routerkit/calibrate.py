@@ -16,13 +16,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-import torch
-
 from routerkit.config.build import Experiment
 from routerkit.flops import FLOP_CONVENTION
-from routerkit.replay import UnitTable, build_unit_table
+from routerkit.replay import UnitTable, build_unit_table, decide, routed_flops
 from routerkit.routers import IDKCascade, OptimalStoppingCascade, PaSeRRouter, Router
-from routerkit.uncertainty import BaseOutput
 
 
 @dataclass
@@ -60,23 +57,12 @@ class CalibrationResult:
         return asdict(self)
 
 
-def _decide(router: Router, table: UnitTable) -> torch.Tensor:
-    if isinstance(router, (IDKCascade, OptimalStoppingCascade)):
-        return router.decide_table(table)
-    with torch.no_grad():
-        return router.route(table.base, greedy=True)
-
-
 def _measure(exp: Experiment, router: Router, table: UnitTable, metric: str) -> tuple[float, float]:
-    actions = _decide(router, table)
+    actions = decide(router, table)
     if metric == "share":
         value = float((actions > 0).double().mean())
     else:
-        policy = 0.0
-        if router.flops_module() is not None:
-            policy = float(exp.pipeline.policy_flops(router, BaseOutput(table.base.probs[:1], table.base.uncertainty[:1])))
-        passes = exp.pipeline.base_passes(router)
-        value = table.flops(actions, cascade=router.is_cascade, base_passes=passes, policy_flops=policy) / 1e9
+        value = routed_flops(exp.pipeline, router, table, actions) / 1e9
     return value, table.mean_iou(actions)
 
 

@@ -33,10 +33,9 @@ from routerkit.config.build import Experiment
 from routerkit.config.schema import CompareConfig
 from routerkit.flops import FLOP_CONVENTION
 from routerkit.metrics import EvalResult, evaluate_router
-from routerkit.replay import UnitTable, build_unit_table
+from routerkit.replay import UnitTable, build_unit_table, decide, routed_flops
 from routerkit.rewards import PaSeRReward
 from routerkit.routers import (
-    CascadeRouter,
     IDKCascade,
     OptimalStoppingCascade,
     OracleRouter,
@@ -46,8 +45,7 @@ from routerkit.routers import (
     SingleModelRouter,
 )
 from routerkit.training.checkpoint import atomic_write_bytes, atomic_write_json
-from routerkit.training.stages import PolicyTraining, StageSettings
-from routerkit.uncertainty import BaseOutput
+from routerkit.training.runner import policy_stage
 
 
 @dataclass
@@ -96,27 +94,9 @@ class CompareReport:
     model_names: list[str] = field(default_factory=list)
 
 
-def _decide(router: Router, table: UnitTable, reward: PaSeRReward | None = None) -> Tensor:
-    """Greedy decisions ``[N, P]`` of ``router`` on a replayed table."""
-    if isinstance(router, OracleRouter):
-        return router.decide_table(table)
-    if isinstance(router, CascadeRouter):
-        return router.decide_table(table)
-    with torch.no_grad():
-        return router.route(table.base, greedy=True)
-
-
-def _policy_flops(exp: Experiment, router: Router, table: UnitTable) -> float:
-    if router.flops_module() is None:
-        return 0.0
-    return float(exp.pipeline.policy_flops(router, BaseOutput(table.base.probs[:1], table.base.uncertainty[:1])))
-
-
-def _table_point(exp: Experiment, router: Router, table: UnitTable, reward: PaSeRReward) -> tuple[float, float, list[float]]:
-    actions = _decide(router, table, reward)
-    passes = exp.pipeline.base_passes(router)
-    flops = table.flops(actions, cascade=router.is_cascade, base_passes=passes, policy_flops=_policy_flops(exp, router, table))
-    return table.mean_iou(actions), flops / 1e9, table.usage(actions)
+def _table_point(exp: Experiment, router: Router, table: UnitTable) -> tuple[float, float, list[float]]:
+    actions = decide(router, table)
+    return table.mean_iou(actions), routed_flops(exp.pipeline, router, table, actions) / 1e9, table.usage(actions)
 
 
 def train_paser_on_table(
@@ -137,22 +117,12 @@ def train_paser_on_table(
             exp.data.num_classes + 1,
             spatial=table.base.probs.dim() > 2,
         )
-    p = exp.config.training.policy
-    stage = PolicyTraining(
-        exp.pipeline,
+    stage = policy_stage(
+        exp,
         router,
         PaSeRReward(lam),
-        exp.accuracy,
-        exp.parts["rl"],
-        StageSettings(epochs, p.lr, p.batch_size, p.weight_decay),
         seed,
-        p.alpha_start,
-        p.alpha_end,
-        p.baseline,
-        p.credit,
-        p.entropy_coef,
-        importance_weighting=p.importance_weighting,
-        estimator=p.estimator,
+        epochs=epochs,
         cache=(table.base.probs, table.base.uncertainty, table.accuracy),
     )
     for epoch in range(epochs):
@@ -198,7 +168,7 @@ def compare_strategies(exp: Experiment, settings: CompareConfig, console: Consol
         console.print("The run's router is not PaSeR: training a PaSeR policy on the replayed D_RL ...")
         paser = train_paser_on_table(exp, rl_t, lam, cfg.training.policy.epochs, cfg.run.seed)
     paser.eval()
-    paser_val_iou = val_t.mean_iou(_decide(paser.cpu(), val_t, reward))
+    paser_val_iou = val_t.mean_iou(decide(paser.cpu(), val_t))
 
     idk = IDKCascade(num_actions, grid_shape=grid, in_channels=k + 1)
     idk_fit = idk.fit_grid(val_t, settings.idk_lambda, settings.idk_grid_steps)
@@ -230,7 +200,7 @@ def compare_strategies(exp: Experiment, settings: CompareConfig, console: Consol
         console.print(f"Evaluating {name} ...")
         result = evaluate_router(pipe, router, split, k, name, cfg.evaluation.batch_size, data.ignore_index, device)
         router.cpu()
-        actions = _decide(router, test_t, reward)
+        actions = decide(router, test_t)
         r = float(test_t.gather(all_rewards, actions).nanmean())
         share = (r - r_base) / (r_oracle - r_base) if r_oracle > r_base else float("nan")
         matrix, agreement = _assignment(oracle_actions, actions, num_actions)
@@ -265,13 +235,11 @@ def pareto_sweep(
     console: Console,
 ) -> list[ParetoPoint]:
     """Cost/quality points of every family on the replayed evaluation split."""
-    lam = exp.config.reward.lam
-    reward = PaSeRReward(lam)
     num_actions, grid, k = len(exp.zoo), exp.pipeline.partitioner.grid_shape, exp.data.num_classes
     points: list[ParetoPoint] = []
 
     def add(family: str, parameter: str, value: float, router: Router) -> None:
-        iou, gflops, usage = _table_point(exp, router, test_t, reward)
+        iou, gflops, usage = _table_point(exp, router, test_t)
         points.append(ParetoPoint(family, parameter, float(value), iou, gflops, usage))
 
     console.print(f"Pareto sweep: PaSeR over lambda {settings.sweep_lambdas} (replayed outputs) ...")

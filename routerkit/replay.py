@@ -20,6 +20,7 @@ from routerkit.data import Split
 from routerkit.functional import confusion_counts, entropy, iou_from_confusion
 from routerkit.pipeline import RoutedPipeline
 from routerkit.rewards import AccuracyTerm, Reward
+from routerkit.routers import CascadeRouter, OracleRouter, Router
 from routerkit.uncertainty import BaseOutput
 
 
@@ -207,3 +208,24 @@ def build_unit_table(
         base_passes=pipeline.estimator.num_passes,
         costs=pipeline.costs.detach().cpu().float(),
     )
+
+
+@torch.no_grad()
+def decide(router: Router, table: UnitTable) -> Tensor:
+    """Greedy decisions ``[N, P]`` of any router on a replayed table (cascades and the oracle included)."""
+    if isinstance(router, (CascadeRouter, OracleRouter)):
+        return router.decide_table(table)
+    return router.route(table.base, greedy=True)
+
+
+def routed_flops(pipeline: RoutedPipeline, router: Router, table: UnitTable, actions: Tensor) -> float:
+    """Mean FLOPs per input of ``router``'s ``actions`` on ``table``, counted as `RoutedPipeline` counts them.
+
+    ``f_0``'s passes as the router needs them, its policy network, and the models run on the units
+    (every stage up to the chosen one for a cascade). fvcore convention: one multiply-add = one flop.
+    """
+    policy = 0.0
+    if router.flops_module() is not None:
+        policy = float(pipeline.policy_flops(router, BaseOutput(table.base.probs[:1], table.base.uncertainty[:1])))
+    passes = pipeline.base_passes(router)
+    return table.flops(actions, cascade=router.is_cascade, base_passes=passes, policy_flops=policy)

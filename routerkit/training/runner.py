@@ -19,6 +19,7 @@ from routerkit.config import ConfigError, ExperimentConfig, parse_config
 from routerkit.config.build import Experiment, build_experiment
 from routerkit.flops import FLOP_CONVENTION
 from routerkit.metrics import EvalResult, evaluate_router
+from routerkit.rewards import Reward
 from routerkit.routers import CascadeRouter, PaSeRRouter, create_router
 from routerkit.training.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, read_latest, save_checkpoint
 from routerkit.training.stages import (
@@ -36,6 +37,45 @@ STAGE_ORDER = ("pretrain_large", "pretrain_base", "policy", "finetune")
 
 def _settings(section: Any) -> StageSettings:
     return StageSettings(section.epochs, section.lr, section.batch_size, section.weight_decay)
+
+
+def policy_stage(
+    exp: Experiment,
+    router: PaSeRRouter,
+    reward: Reward,
+    seed: int,
+    epochs: int | None = None,
+    cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> PolicyTraining:
+    """Stage 2 on D_RL with the config's ``training.policy`` settings.
+
+    Args:
+        exp: The experiment.
+        router: The PaSeR router to train.
+        reward: Its reward (e.g. another lambda for a sweep).
+        seed: Random seed.
+        epochs: Epochs (default: ``training.policy.epochs``).
+        cache: A prebuilt replay cache of D_RL.
+    """
+    p = exp.config.training.policy
+    settings = StageSettings(p.epochs if epochs is None else epochs, p.lr, p.batch_size, p.weight_decay)
+    return PolicyTraining(
+        exp.pipeline,
+        router,
+        reward,
+        exp.accuracy,
+        exp.parts["rl"],
+        settings,
+        seed,
+        p.alpha_start,
+        p.alpha_end,
+        p.baseline,
+        p.credit,
+        p.entropy_coef,
+        importance_weighting=p.importance_weighting,
+        estimator=p.estimator,
+        cache=cache,
+    )
 
 
 def build_stages(exp: Experiment) -> list[Stage]:
@@ -80,25 +120,8 @@ def build_stages(exp: Experiment) -> list[Stage]:
             raise ConfigError(
                 f"router {cfg.router.name!r} is trainable but routerkit only knows how to train PaSeR-style policies."
             )
-        p, f = t.policy, t.finetune
-        stages.append(
-            PolicyTraining(
-                exp.pipeline,
-                exp.router,
-                exp.reward,
-                exp.accuracy,
-                exp.parts["rl"],
-                _settings(p),
-                seed + 2,
-                p.alpha_start,
-                p.alpha_end,
-                p.baseline,
-                p.credit,
-                p.entropy_coef,
-                importance_weighting=p.importance_weighting,
-                estimator=p.estimator,
-            )
-        )
+        f = t.finetune
+        stages.append(policy_stage(exp, exp.router, exp.reward, seed + 2))
         stages.append(
             JointFineTuning(
                 exp.pipeline,

@@ -378,22 +378,16 @@ def replay_cache(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Base state and per-unit accuracy of every model on ``data``, for replayed policy training.
 
+    The three tensors of `routerkit.replay.build_unit_table` that the policy needs, on the data's device.
+
     Returns:
         ``(probs [N, K, ...], uncertainty [N, ...], accuracy [N, P, m + 1])``.
     """
-    pipeline.zoo.eval()
-    part, m1 = pipeline.partitioner, len(pipeline.zoo)
-    probs_l, unc_l, acc_l = [], [], []
-    for images, targets in data.batches(batch_size):
-        base = pipeline.estimator(pipeline.zoo.base, images)
-        units, unit_targets = part.split(images), part.split(targets)
-        per_model = [accuracy(part.split(base.probs), unit_targets)]
-        for i in range(1, m1):
-            per_model.append(accuracy(torch.softmax(pipeline.zoo[i](units).float(), 1), unit_targets))
-        acc_l.append(torch.stack(per_model, -1).reshape(images.shape[0], part.num_units, m1))
-        probs_l.append(base.probs)
-        unc_l.append(base.uncertainty)
-    return torch.cat(probs_l), torch.cat(unc_l), torch.cat(acc_l)
+    from routerkit.replay import build_unit_table
+
+    device = data.images.device
+    table = build_unit_table(pipeline, accuracy, data, accuracy.num_classes, batch_size, accuracy.ignore_index, device)
+    return table.base.probs.to(device), table.base.uncertainty.to(device), table.accuracy.to(device)
 
 
 class JointFineTuning(Stage):
