@@ -151,6 +151,7 @@ def compare(
         _apply_compare_overrides(exp, overrides)
     elif config_or_run.is_file():
         cfg = _load(config_or_run, overrides)
+        cfg.evaluation.compare = False  # compared below
         try:
             run_dir, _ = run_train(cfg, console=console, plugin_dirs=[str(config_or_run.parent.resolve())])
         except (ConfigError, FileNotFoundError) as err:
@@ -159,7 +160,7 @@ def compare(
     else:
         _fail(f"{config_or_run} is neither a run directory (with config.yaml) nor a config file.")
     try:
-        report = compare_strategies(exp, exp.config.compare, console)
+        report = compare_strategies(exp, exp.config.compare, console, run_dir=run_dir)
     except (ConfigError, ValueError) as err:
         _fail(str(err))
     folder = out or Path(run_dir) / "compare"
@@ -208,6 +209,33 @@ def calibrate(
         f"validation {result.val:.4f} ({status}, {100 * tolerance:.0f}%), test {result.test:.4f}. "
         f"Mean IoU: validation {result.val_mean_iou:.4f}, test {result.test_mean_iou:.4f}. ({result.flop_convention})"
     )
+
+
+@app.command()
+def robustness(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `routerkit train`.", show_default=False)],
+    amount: Annotated[float, typer.Option(help="Share of test pixels hit by salt-and-pepper noise.")] = 0.01,
+    epochs: Annotated[int | None, typer.Option(help="Epochs of the noise-aware large models (default: pretrain_large).")] = None,
+    init: Annotated[str, typer.Option(help="'scratch' or 'continue' (from the run's large models).")] = "scratch",
+    seed: Annotated[int, typer.Option(help="Seed of the noise and the retraining.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: RUN_DIR/robustness).")] = None,
+) -> None:
+    """PaSeR R3: salt-and-pepper test inputs, large models swapped for clean + noisy variants, f_0 and policy unaware.
+
+    Reports the IoU degradation of PaSeR and of the random policy and the change in the share of
+    units sent to the large models; writes robustness.md and robustness.json.
+    """
+    from routerkit.robustness import noise_robustness, robustness_markdown, write_robustness
+
+    exp = _load_run_or_fail(run_dir)
+    try:
+        report = noise_robustness(exp, amount, epochs, init, seed, console)
+    except ValueError as err:
+        _fail(str(err))
+    folder = out or Path(run_dir) / "robustness"
+    write_robustness(report, folder)
+    console.print(robustness_markdown(report))
+    console.print(f"Wrote robustness.md and robustness.json to [cyan]{folder}[/cyan]")
 
 
 @app.command()

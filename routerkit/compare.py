@@ -60,6 +60,9 @@ class StrategyRow:
         oracle_gain_share: ``(R - R_f0) / (R_oracle - R_f0)``: share of the oracle's reward gain over f_0 alone.
         assignment: ``[A, A]`` counts, rows = the oracle's model, columns = this strategy's.
         agreement: Share of units where it chose the oracle's model.
+        expert_assignment: ``[A, A]`` counts against the data's expert labels (``evaluation.expert_key``):
+            rows = the model that should answer, columns = this strategy's model; ``None`` without labels.
+        expert_accuracy: Model-assignment accuracy against the expert labels.
     """
 
     name: str
@@ -69,6 +72,8 @@ class StrategyRow:
     oracle_gain_share: float
     assignment: list[list[int]]
     agreement: float
+    expert_assignment: list[list[int]] | None = None
+    expert_accuracy: float | None = None
 
 
 @dataclass
@@ -84,6 +89,25 @@ class ParetoPoint:
 
 
 @dataclass
+class TVDPoint:
+    """PaSeR fine-tuned from the lambda = reward.lam policy until a TVD threshold (paper Fig. 12)."""
+
+    threshold: float
+    tvd: float
+    lam: float
+    steps: int
+    mean_iou: float
+    gflops: float
+    usage: list[float]
+    expert_accuracy: float | None = None
+
+    @property
+    def iou_per_gflop(self) -> float:
+        """IoU per GigaFlop."""
+        return self.mean_iou / self.gflops if self.gflops > 0 else float("nan")
+
+
+@dataclass
 class CompareReport:
     """Everything `compare_strategies` computed."""
 
@@ -92,6 +116,8 @@ class CompareReport:
     table2: dict[str, Any]
     pareto: list[ParetoPoint] = field(default_factory=list)
     model_names: list[str] = field(default_factory=list)
+    expert_key: str | None = None
+    tvd: list[TVDPoint] = field(default_factory=list)
 
 
 def _table_point(exp: Experiment, router: Router, table: UnitTable) -> tuple[float, float, list[float]]:
@@ -136,13 +162,30 @@ def _assignment(oracle: Tensor, chosen: Tensor, num_actions: int) -> tuple[list[
     return counts.tolist(), float((oracle == chosen).double().mean())
 
 
-def compare_strategies(exp: Experiment, settings: CompareConfig, console: Console | None = None) -> CompareReport:
+def expert_units(split: Any, key: str, grid_units: int) -> Tensor:
+    """Per-unit expert labels ``[N, P]`` from the split's per-input (``[N]``) or per-unit (``[N, P]``) meta ``key``."""
+    if key not in split.meta:
+        raise ValueError(
+            f"evaluation.expert_key is {key!r} but the data plugin's splits carry meta {sorted(split.meta) or 'none'}."
+        )
+    labels = split.meta[key].long().cpu()
+    if labels.dim() == 1:
+        return labels.unsqueeze(1).expand(-1, grid_units)
+    if labels.dim() == 2 and labels.shape[1] == grid_units:
+        return labels
+    raise ValueError(f"Expected meta[{key!r}] of shape [N] or [N, {grid_units}] but got {tuple(labels.shape)}.")
+
+
+def compare_strategies(
+    exp: Experiment, settings: CompareConfig, console: Console | None = None, run_dir: str | Path | None = None
+) -> CompareReport:
     """Evaluate every strategy on ``exp``'s trained zoo (see the module docstring).
 
     Args:
         exp: A trained experiment (e.g. from `routerkit.training.load_run`).
         settings: The ``compare`` section of the config.
         console: Where progress is printed.
+        run_dir: The run directory (needed by ``settings.tvd_thresholds``: the stage-2 policy checkpoint).
 
     Returns:
         The report (also see `write_report`).
@@ -190,6 +233,8 @@ def compare_strategies(exp: Experiment, settings: CompareConfig, console: Consol
         strategies.append((f"{name} alone", "baseline", SingleModelRouter(num_actions, index=i, grid_shape=grid)))
     strategies.append(("Oracle", "oracle", oracle))
 
+    expert_key = cfg.evaluation.expert_key
+    experts = expert_units(split, expert_key, test_t.num_units) if expert_key else None
     all_rewards = test_t.rewards(reward)
     oracle_actions = oracle.decide_table(test_t)
     r_oracle = float(test_t.gather(all_rewards, oracle_actions).nanmean())
@@ -204,7 +249,10 @@ def compare_strategies(exp: Experiment, settings: CompareConfig, console: Consol
         r = float(test_t.gather(all_rewards, actions).nanmean())
         share = (r - r_base) / (r_oracle - r_base) if r_oracle > r_base else float("nan")
         matrix, agreement = _assignment(oracle_actions, actions, num_actions)
-        rows.append(StrategyRow(name, kind, result, r, share, matrix, agreement))
+        row = StrategyRow(name, kind, result, r, share, matrix, agreement)
+        if experts is not None:
+            row.expert_assignment, row.expert_accuracy = _assignment(experts, actions.cpu(), num_actions)
+        rows.append(row)
     paser.to(device)
 
     by_name = {row.name: row for row in rows}
@@ -219,10 +267,71 @@ def compare_strategies(exp: Experiment, settings: CompareConfig, console: Consol
         "gflops_ratio_idk_over_paser": m_row.result.gflops / p_row.result.gflops if p_row.result.gflops > 0 else float("nan"),
         "idk_grid_fit": idk_fit,
     }
-    report = CompareReport(settings.split, rows, table2, [], list(exp.zoo.names))
+    report = CompareReport(settings.split, rows, table2, [], list(exp.zoo.names), expert_key)
     if settings.pareto:
         report.pareto = pareto_sweep(exp, settings, rl_t, val_t, test_t, paser, console)
+    if settings.tvd_thresholds:
+        if run_dir is None:
+            raise ValueError("compare.tvd_thresholds needs a trained run directory (its stage-2 policy checkpoint).")
+        ft_t = table_of(exp.parts["ft"])
+        report.tvd = tvd_sweep(exp, Path(run_dir), settings.tvd_thresholds, ft_t, test_t, experts, console)
     return report
+
+
+def stage_policy(exp: Experiment, run_dir: Path) -> PaSeRRouter:
+    """A copy of ``exp``'s router with the weights it had at the end of stage 2 (policy training)."""
+    from routerkit.training.checkpoint import load_checkpoint
+
+    names = sorted(p.stem for p in (run_dir / "checkpoints").glob("*-policy-e*.json"))
+    if not names:
+        raise ValueError(f"{run_dir} has no stage-2 policy checkpoint (checkpoints/*-policy-e*.json).")
+    state, _ = load_checkpoint(run_dir, names[-1])
+    if not isinstance(exp.router, PaSeRRouter):
+        raise ValueError(f"The TVD sweep needs a PaSeR router but the run's router is {type(exp.router).__name__}.")
+    router = copy.deepcopy(exp.router).cpu()
+    router.load_state_dict(state["model"]["router"])
+    return router
+
+
+def tvd_sweep(
+    exp: Experiment,
+    run_dir: Path,
+    thresholds: list[float],
+    ft_t: UnitTable,
+    test_t: UnitTable,
+    experts: Tensor | None,
+    console: Console,
+) -> list[TVDPoint]:
+    """PaSeR Fig. 12: fine-tune the stage-2 policy with the lambda schedule up to each TVD threshold."""
+    from routerkit.training.runner import tvd_stage
+
+    if exp.config.training.finetune.lam_end is None:
+        raise ValueError("compare.tvd_thresholds needs training.finetune.lam_end (the lambda schedule's end).")
+    console.print(f"TVD sweep: fine-tuning the stage-2 policy up to TVD {thresholds} (replayed D_FT) ...")
+    points = []
+    cache = (ft_t.base.probs, ft_t.base.uncertainty, ft_t.accuracy)
+    for threshold in thresholds:
+        router = stage_policy(exp, run_dir)
+        stage = tvd_stage(exp, router, threshold, exp.config.run.seed + 3, cache)
+        for epoch in range(stage.settings.epochs):
+            stage.run_epoch(epoch)
+            if stage.stopped:
+                break
+        router.eval()
+        actions = decide(router, test_t)
+        point = TVDPoint(
+            threshold,
+            stage.tvd,
+            stage.lam,
+            stage.step,
+            test_t.mean_iou(actions),
+            routed_flops(exp.pipeline, router, test_t, actions) / 1e9,
+            test_t.usage(actions),
+        )
+        if experts is not None:
+            point.expert_accuracy = float((experts == actions.cpu()).double().mean())
+        points.append(point)
+    return points
 
 
 def pareto_sweep(
@@ -265,12 +374,23 @@ def _fmt(v: float, digits: int = 4) -> str:
     return f"{v:.{digits}f}"
 
 
+def largest_gflops(report: CompareReport) -> float:
+    """GFLOPs per input of the largest model alone (the reference of Guan et al.'s "FLOPs %")."""
+    for row in report.rows:
+        if row.name == f"{report.model_names[-1]} alone":
+            return row.result.gflops
+    return float("nan")
+
+
 def table1_markdown(report: CompareReport) -> str:
-    """The paper's Table 1 as markdown."""
+    """The paper's Table 1 as markdown, with Guan et al.'s error and FLOPs as a percentage of the largest model."""
     names = report.model_names
-    head = ["strategy", "mean IoU", "GFLOPs", "IoU/GigaFlop", "mean reward", "oracle gain share", *[f"% {n}" for n in names]]
+    head = ["strategy", "mean IoU", "error", "GFLOPs", "FLOPs % of largest", "IoU/GigaFlop", "mean reward", "oracle gain share"]
+    head += [f"% {n}" for n in names]
+    largest = largest_gflops(report)
     lines = [
-        f"Split: {report.split}. GFLOPs per input count every pass that ran ({FLOP_CONVENTION}).",
+        f"Split: {report.split}. GFLOPs per input count every pass that ran ({FLOP_CONVENTION}); "
+        f"error = 1 - accuracy (per pixel for segmentation); FLOPs % relative to {names[-1]} alone.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -280,7 +400,9 @@ def table1_markdown(report: CompareReport) -> str:
         cells = [
             row.name,
             _fmt(r.mean_iou),
+            f"{100 * (1 - r.accuracy):.2f}%",
             _fmt(r.gflops),
+            f"{100 * r.gflops / largest:.1f}%",
             f"{r.iou_per_gflop:.2f}",
             _fmt(row.mean_reward),
             f"{100 * row.oracle_gain_share:.1f}%",
@@ -324,6 +446,103 @@ def assignment_markdown(report: CompareReport) -> str:
     return "\n".join(out)
 
 
+def expert_markdown(report: CompareReport) -> str:
+    """Model-assignment accuracy and confusion matrices against the data's expert labels (PaSeR Fig. 4)."""
+    names = report.model_names
+    out = [
+        f"Rows: the model that should answer (data meta {report.expert_key!r}); columns: the model chosen "
+        f"(units of the {report.split} split, replayed decisions).",
+        "",
+        "| strategy | assignment accuracy |",
+        "|---|---|",
+    ]
+    out += [f"| {r.name} | {100 * r.expert_accuracy:.1f}% |" for r in report.rows if r.expert_accuracy is not None]
+    out.append("")
+    for row in report.rows:
+        if row.expert_assignment is None:
+            continue
+        out += [f"**{row.name}**", "", "| expert \\ chosen | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+        for name, counts in zip(names, row.expert_assignment, strict=True):
+            out.append(f"| {name} | " + " | ".join(str(c) for c in counts) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def expert_figure(report: CompareReport, path: Path, kinds: tuple[str, ...] = ("PaSeR", "IDK", "PaSeR-RandPol")) -> Path:
+    """Row-normalised assignment confusion matrices of PaSeR, the IDK cascades and the random policy (Fig. 4)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report.rows if r.expert_assignment is not None and r.name.startswith(kinds)]
+    names = report.model_names
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.3 * len(rows), 3.4), dpi=120, squeeze=False)
+    for ax, row in zip(axes[0], rows, strict=True):
+        counts = torch.tensor(row.expert_assignment, dtype=torch.float64)
+        share = counts / counts.sum(1, keepdim=True).clamp_min(1)
+        ax.imshow(share.numpy(), vmin=0, vmax=1, cmap="Blues")
+        for i in range(len(names)):
+            for j in range(len(names)):
+                ax.text(j, i, f"{100 * share[i, j]:.1f}", ha="center", va="center", fontsize=8,
+                        color="white" if share[i, j] > 0.5 else "black")  # fmt: skip
+        ax.set_xticks(range(len(names)), names, rotation=30, fontsize=7)
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.set_xlabel("model chosen", fontsize=8)
+        ax.set_title(f"{row.name}\naccuracy {100 * (row.expert_accuracy or 0):.1f}%", fontsize=8)
+    axes[0][0].set_ylabel(f"expert ({report.expert_key})", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def tvd_markdown(report: CompareReport) -> str:
+    """The TVD-threshold sweep (PaSeR Fig. 12) as markdown."""
+    names = report.model_names
+    head = ["TVD threshold", "TVD reached", "lambda reached", "steps", "mean IoU", "GFLOPs", "IoU/GigaFlop"]
+    head += ["assignment accuracy"] if any(p.expert_accuracy is not None for p in report.tvd) else []
+    head += [f"% {n}" for n in names]
+    lines = [f"Split: {report.split} (replayed). GFLOPs per input, {FLOP_CONVENTION}.", "", "| " + " | ".join(head) + " |"]
+    lines.append("|" + "---|" * len(head))
+    for p in report.tvd:
+        cells = [f"{100 * p.threshold:g}%", f"{100 * p.tvd:.2f}%", f"{p.lam:.3f}", str(p.steps), _fmt(p.mean_iou)]
+        cells += [_fmt(p.gflops), f"{p.iou_per_gflop:.2f}"]
+        cells += [f"{100 * p.expert_accuracy:.1f}%"] if p.expert_accuracy is not None else []
+        cells += [f"{100 * u:.1f}" for u in p.usage]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def tvd_figure(report: CompareReport, path: Path) -> Path:
+    """IoU/GigaFlop against the TVD threshold (PaSeR Fig. 12)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
+    xs = [100 * p.threshold for p in report.tvd]
+    ax.plot(xs, [p.iou_per_gflop for p in report.tvd], "o-", color="tab:blue")
+    for p, x in zip(report.tvd, xs, strict=True):
+        ax.annotate(f"IoU {p.mean_iou:.3f}", (x, p.iou_per_gflop), textcoords="offset points", xytext=(4, -12), fontsize=7)
+    ax.set_xlabel("TVD threshold from the lambda = 0 policy (%)")
+    ax.set_ylabel("IoU / GigaFlop")
+    ax.set_title(f"Fine-tuning stopped at a TVD threshold ({report.split} split)", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
 def write_report(report: CompareReport, folder: Path) -> list[Path]:
     """Write ``table1.{md,csv,json}``, ``table2.{md,json}``, ``assignment.{md,json}`` and ``pareto.{csv,png}``."""
     folder = Path(folder)
@@ -336,14 +555,17 @@ def write_report(report: CompareReport, folder: Path) -> list[Path]:
     text("table1.md", table1_markdown(report))
     buf = io.StringIO()
     writer = csv.writer(buf)
+    largest = largest_gflops(report)
     writer.writerow(
-        ["strategy", "kind", "mean_iou", "gflops_per_input", "iou_per_gflop", "mean_reward", "oracle_gain_share", "agreement"]
+        ["strategy", "kind", "mean_iou", "error", "gflops_per_input", "flops_share_of_largest", "iou_per_gflop"]
+        + ["mean_reward", "oracle_gain_share", "agreement"]
         + [f"usage_{n}" for n in report.model_names]
     )
     for row in report.rows:
         r = row.result
         writer.writerow(
-            [row.name, row.kind, f"{r.mean_iou:.6f}", f"{r.gflops:.6f}", f"{r.iou_per_gflop:.6f}", f"{row.mean_reward:.6f}"]
+            [row.name, row.kind, f"{r.mean_iou:.6f}", f"{1 - r.accuracy:.6f}", f"{r.gflops:.6f}"]
+            + [f"{r.gflops / largest:.6f}", f"{r.iou_per_gflop:.6f}", f"{row.mean_reward:.6f}"]
             + [f"{row.oracle_gain_share:.6f}", f"{row.agreement:.6f}"]
             + [f"{u:.4f}" for u in r.usage]
         )
@@ -378,6 +600,26 @@ def write_report(report: CompareReport, folder: Path) -> list[Path]:
             )
         text("pareto.csv", buf.getvalue())
         written.append(pareto_figure(report, folder / "pareto.png"))
+    if report.expert_key is not None:
+        text("expert_assignment.md", expert_markdown(report))
+        atomic_write_json(
+            folder / "expert_assignment.json",
+            {
+                "expert_key": report.expert_key,
+                "models": report.model_names,
+                "rows": {r.name: {"accuracy": r.expert_accuracy, "counts": r.expert_assignment} for r in report.rows},
+            },
+        )
+        written.append(folder / "expert_assignment.json")
+        written.append(expert_figure(report, folder / "expert_assignment.png"))
+    if report.tvd:
+        text("tvd.md", tvd_markdown(report))
+        atomic_write_json(
+            folder / "tvd.json",
+            {"flop_convention": FLOP_CONVENTION, "points": [{**asdict(p), "iou_per_gflop": p.iou_per_gflop} for p in report.tvd]},
+        )
+        written.append(folder / "tvd.json")
+        written.append(tvd_figure(report, folder / "tvd.png"))
     return written
 
 
@@ -407,12 +649,7 @@ def pareto_figure(report: CompareReport, path: Path) -> Path:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save(fig, path)
 
 
 def print_report(report: CompareReport, console: Console) -> None:
@@ -436,6 +673,10 @@ def print_report(report: CompareReport, console: Console) -> None:
         )
     console.print(table)
     console.print(table2_markdown(report))
+    if report.expert_key is not None:
+        console.print(expert_markdown(report).split("\n\n**")[0])
+    if report.tvd:
+        console.print(tvd_markdown(report))
 
 
 def report_to_json(report: CompareReport) -> str:
@@ -446,6 +687,7 @@ def report_to_json(report: CompareReport) -> str:
             "rows": [{**asdict(r), "result": r.result.to_dict()} for r in report.rows],
             "table2": report.table2,
             "pareto": [asdict(p) for p in report.pareto],
+            "tvd": [asdict(p) for p in report.tvd],
         },
         indent=2,
     )

@@ -51,6 +51,11 @@ class ModelConfig(_Section):
     name: str = Field(..., description="Name used in tables and checkpoints.")
     model: str = Field(..., description="Registered model name ('unet', 'unet_paper_large', 'smp', ...) or dotted path.")
     params: dict[str, Any] = Field(default_factory=dict)
+    train_on: dict[str, int] | None = Field(
+        None,
+        description="Pre-train this model only on inputs whose per-input data meta[key] equals value, e.g. {noise: 1} "
+        "(a zoo of specialists, PaSeR's noisy MNIST); None: all of D_PT.",
+    )
 
 
 class ZooConfig(_Section):
@@ -148,6 +153,23 @@ class FinetuneConfig(OptimConfig):
     large_on: Literal["routed", "all"] = "routed"
     freeze_bn: bool = Field(True, description="Keep the large models' batch-norm statistics fixed while fine-tuning.")
     importance_weighting: bool = Field(True, description="Correct explore/exploit sampling with pi(a) / mu(a).")
+    tvd_threshold: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Policy-only fine-tuning (PaSeR noisy MNIST): lambda rises linearly from reward.lam to lam_end and "
+        "fine-tuning stops before the policy's total-variation distance from the stage's starting policy exceeds this.",
+    )
+    lam_end: float | None = Field(None, ge=0, le=1, description="Final lambda of the linear schedule (with tvd_threshold).")
+
+    @model_validator(mode="after")
+    def _tvd(self) -> FinetuneConfig:
+        if (self.tvd_threshold is None) != (self.lam_end is None):
+            raise ValueError(
+                "training.finetune.tvd_threshold and training.finetune.lam_end go together: set both (policy-only "
+                "fine-tuning with a lambda schedule stopped at a TVD threshold) or neither (joint fine-tuning)."
+            )
+        return self
 
 
 class CascadeFitConfig(_Section):
@@ -184,6 +206,12 @@ class EvaluationConfig(_Section):
     batch_size: int = Field(16, ge=1)
     baselines: list[Literal["single", "random"]] = Field(default_factory=lambda: ["single", "random"])  # type: ignore[arg-type]
     random_seed: int = 0
+    expert_key: str | None = Field(
+        None,
+        description="Per-input data meta key holding the index of the model that should answer each input "
+        "(e.g. the noise type of noisy MNIST): compare then reports model-assignment accuracy against it.",
+    )
+    compare: bool = Field(False, description="After training, run `routerkit compare` on the run (writes run_dir/compare).")
 
 
 class CompareConfig(_Section):
@@ -205,6 +233,11 @@ class CompareConfig(_Section):
         description="IDK thresholds: mean + offset * std of each stage's uncertainty (validation split).",
     )
     stop_alphas: list[float] = Field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0])
+    tvd_thresholds: list[float] = Field(
+        default_factory=list,
+        description="Re-run the TVD-threshold fine-tuning from the run's stage-2 policy at each threshold (PaSeR Fig. 12); "
+        "needs training.finetune.tvd_threshold / lam_end and a run directory.",
+    )
 
 
 class ExperimentConfig(_Section):
@@ -231,6 +264,14 @@ class ExperimentConfig(_Section):
                     "uncertainty.name is 'mc_dropout' but zoo.models[0] (the base model f_0) has no dropout: "
                     "set zoo.models[0].params.dropout (e.g. 0.1) or use uncertainty.name: softmax_entropy."
                 )
+        for i, m in enumerate(self.zoo.models):
+            if m.train_on is not None and len(m.train_on) != 1:
+                raise ValueError(f"zoo.models.{i}.train_on must name exactly one meta key, e.g. {{noise: 1}}, got {m.train_on}.")
+        if self.training.finetune.lam_end is not None and self.training.finetune.lam_end < self.reward.lam:
+            raise ValueError(
+                f"training.finetune.lam_end ({self.training.finetune.lam_end}) must be >= reward.lam ({self.reward.lam}): "
+                "the fine-tuning schedule raises lambda."
+            )
         for stage in ("policy", "finetune"):
             s = getattr(self.training, stage)
             if s.alpha_end < s.alpha_start:

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from routerkit.config import ConfigError, ExperimentConfig, parse_config
 from routerkit.config.build import Experiment, build_experiment
+from routerkit.data import Split
 from routerkit.flops import FLOP_CONVENTION
 from routerkit.metrics import EvalResult, evaluate_router
 from routerkit.rewards import Reward
@@ -27,6 +28,7 @@ from routerkit.training.stages import (
     CascadeFitting,
     JointFineTuning,
     LargeModelPretraining,
+    PolicyFineTuning,
     PolicyTraining,
     Stage,
     StageSettings,
@@ -78,15 +80,74 @@ def policy_stage(
     )
 
 
+def model_training_data(exp: Experiment, index: int) -> Split:
+    """D_PT, or the part of it selected by ``zoo.models[index].train_on`` (``{meta key: value}``)."""
+    data, spec = exp.parts["pt"], exp.config.zoo.models[index].train_on
+    if spec is None:
+        return data
+    ((key, value),) = spec.items()
+    if key not in data.meta:
+        raise ConfigError(
+            f"zoo.models.{index}.train_on uses meta key {key!r} but the data plugin provides {sorted(data.meta) or 'no meta'}."
+        )
+    column = data.meta[key]
+    if column.dim() != 1:
+        raise ConfigError(f"zoo.models.{index}.train_on: meta {key!r} must hold one value per input, got {tuple(column.shape)}.")
+    subset = data.subset(torch.nonzero(column == value).flatten())
+    if len(subset) == 0:
+        raise ConfigError(f"zoo.models.{index}.train_on: no input of D_PT has {key} == {value}.")
+    return subset
+
+
+def tvd_stage(
+    exp: Experiment,
+    router: PaSeRRouter,
+    threshold: float,
+    seed: int,
+    cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> PolicyFineTuning:
+    """Stage 3 as policy-only fine-tuning on D_FT stopped at a TVD ``threshold`` (``training.finetune``)."""
+    f = exp.config.training.finetune
+    if f.lam_end is None:
+        raise ConfigError("training.finetune.lam_end is needed for TVD-threshold fine-tuning.")
+    return PolicyFineTuning(
+        exp.pipeline,
+        router,
+        exp.reward,
+        exp.accuracy,
+        exp.parts["ft"],
+        _settings(f),
+        seed,
+        threshold,
+        f.lam_end,
+        f.alpha_start,
+        f.alpha_end,
+        exp.config.training.policy.baseline,
+        f.credit,
+        f.entropy_coef,
+        f.importance_weighting,
+        cache,
+    )
+
+
 def build_stages(exp: Experiment) -> list[Stage]:
     """The stages of Algorithm 1 for ``exp`` (policy stages only for trainable routers)."""
     cfg, t = exp.config, exp.config.training
     seed, ignore = cfg.run.seed, exp.data.ignore_index
+    specialists = {i: model_training_data(exp, i) for i, m in enumerate(cfg.zoo.models) if m.train_on is not None}
     stages: list[Stage] = [
-        LargeModelPretraining(exp.pipeline, exp.parts["pt"], _settings(t.pretrain_large), seed, ignore, t.pretrain_large.augment),
-        BaseModelPretraining(
+        LargeModelPretraining(
             exp.pipeline,
             exp.parts["pt"],
+            _settings(t.pretrain_large),
+            seed,
+            ignore,
+            t.pretrain_large.augment,
+            {i: d for i, d in specialists.items() if i > 0},
+        ),
+        BaseModelPretraining(
+            exp.pipeline,
+            specialists.get(0, exp.parts["pt"]),
             _settings(t.pretrain_base),
             seed + 1,
             t.pretrain_base.beta,
@@ -122,6 +183,9 @@ def build_stages(exp: Experiment) -> list[Stage]:
             )
         f = t.finetune
         stages.append(policy_stage(exp, exp.router, exp.reward, seed + 2))
+        if f.tvd_threshold is not None:
+            stages.append(tvd_stage(exp, exp.router, f.tvd_threshold, seed + 3))
+            return stages
         stages.append(
             JointFineTuning(
                 exp.pipeline,
@@ -271,6 +335,13 @@ def train(
     )
     train_seconds = time.perf_counter() - t0
     results = evaluate_experiment(exp, path, console)
+    if cfg.evaluation.compare:
+        from routerkit.compare import compare_strategies, print_report, write_report
+
+        report = compare_strategies(exp, cfg.compare, console, run_dir=path)
+        written = write_report(report, path / "compare")
+        print_report(report, console)
+        console.print("Comparison written: " + ", ".join(str(p) for p in written))
     atomic_write_json(
         path / "metrics" / "timing.json", {"train_and_eval_seconds": time.perf_counter() - t0, "train_seconds": train_seconds}
     )

@@ -13,6 +13,7 @@ Each stage exposes ``run_epoch(epoch) -> dict of logged scalars`` and ``state_di
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from routerkit.data import Split
-from routerkit.functional import explore_exploit_sample, linear_schedule, reinforce_loss
+from routerkit.functional import explore_exploit_sample, linear_schedule, reinforce_loss, total_variation_distance
 from routerkit.pipeline import RoutedPipeline
 from routerkit.rewards import AccuracyTerm, Reward
 from routerkit.routers.base import Router
@@ -90,7 +91,18 @@ class Stage:
 
 
 class LargeModelPretraining(Stage):
-    """Stage 1a: each costlier model on the units of D_PT with cross-entropy."""
+    """Stage 1a: each costlier model on the units of D_PT with cross-entropy.
+
+    Args:
+        pipeline: The routed pipeline.
+        data: D_PT.
+        settings: Optimisation settings.
+        seed: Random seed.
+        ignore_index: Label ignored by the loss.
+        augment: Random flips of segmentation batches.
+        model_data: Per-model training data overriding ``data`` (``{model index: split}``), for
+            zoos of specialists each trained on its own kind of input.
+    """
 
     name = "pretrain_large"
 
@@ -102,9 +114,14 @@ class LargeModelPretraining(Stage):
         seed: int,
         ignore_index: int | None = None,
         augment: bool = True,
+        model_data: dict[int, Split] | None = None,
     ) -> None:
         super().__init__(settings, seed)
         self.pipeline, self.data, self.ignore_index, self.augment = pipeline, data, ignore_index, augment
+        self.model_data = dict(model_data or {})
+        for i, part in self.model_data.items():
+            if len(part) == 0:
+                raise ValueError(f"Expected training data for model {pipeline.zoo.names[i]!r} but its subset is empty.")
         for i in range(1, len(pipeline.zoo)):
             key = pipeline.zoo.names[i]
             self.modules[key] = pipeline.zoo[i]
@@ -113,7 +130,8 @@ class LargeModelPretraining(Stage):
             )
 
     def num_steps(self) -> int:
-        return -(-len(self.data) // self.settings.batch_size) * (len(self.pipeline.zoo) - 1)
+        sizes = [len(self.model_data.get(i, self.data)) for i in range(1, len(self.pipeline.zoo))]
+        return sum(-(-n // self.settings.batch_size) for n in sizes)
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
         part = self.pipeline.partitioner
@@ -122,7 +140,8 @@ class LargeModelPretraining(Stage):
             model, key = self.pipeline.zoo[i], self.pipeline.zoo.names[i]
             model.train()
             total, count = 0.0, 0
-            for images, targets in self.data.batches(self.settings.batch_size, shuffle=True, generator=self.generator):
+            data = self.model_data.get(i, self.data)
+            for images, targets in data.batches(self.settings.batch_size, shuffle=True, generator=self.generator):
                 if self.augment:
                     images, targets = _augment(images, targets, self.generator)[:2]
                 units, unit_targets = part.split(images), part.split(targets)
@@ -326,50 +345,207 @@ class PolicyTraining(Stage):
         return self._cache
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
-        from routerkit.uncertainty import BaseOutput
-
-        probs, unc, acc = self.build_cache()
-        costs = self.pipeline.costs.to(acc.device)
+        probs, _, _ = self.build_cache()
         alpha = linear_schedule(self.alpha_start, self.alpha_end, epoch, self.settings.epochs)
-        self.router.train()
         n = probs.shape[0]
         order = torch.randperm(n, generator=self.generator)
         sums: dict[str, float] = {}
         for start in range(0, n, self.settings.batch_size):
             idx = order[start : start + self.settings.batch_size]
-            logits = self.router.logits(BaseOutput(probs[idx], unc[idx]))
-            actions = explore_exploit_sample(logits, alpha, self.generator)
-            table = acc[idx]  # [B, P, A]
-            all_rewards = self.reward(table, table[..., :1].expand_as(table), costs.expand_as(table))
-            rewards = all_rewards.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
-            expected = (torch.softmax(logits.detach(), -1) * all_rewards).sum(-1)
-            if self.estimator == "all_actions":
-                log_probs_all = torch.log_softmax(logits, -1)
-                pg_loss = -(log_probs_all.exp() * torch.nan_to_num(all_rewards, nan=0.0)).sum(-1).mean()
-                entropy_bonus = -(log_probs_all.exp() * log_probs_all).sum(-1).mean()
-                loss = pg_loss - self.entropy_coef * entropy_bonus
-                logs = {"losses/pg_loss": float(pg_loss.detach()), "losses/entropy": float(entropy_bonus.detach())}
-            else:
-                weights = importance_weights(logits, actions, alpha) if self.importance_weighting else None
-                loss, logs = _policy_step(
-                    self.router,
-                    logits,
-                    actions,
-                    rewards,
-                    _baseline(self.baseline, rewards, expected),
-                    self.credit,
-                    self.entropy_coef,
-                    weights,
-                )
-            self.optimizers["router"].zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizers["router"].step()
-            logs["charts/mean_reward"] = float(rewards.mean())
+            logs = self.update(idx, alpha)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v * len(idx)
         out = {k: v / n for k, v in sums.items()}
         out["charts/alpha"] = alpha
         return out
+
+    def update(self, idx: Tensor, alpha: float, lam: float | None = None) -> dict[str, float]:
+        """One policy-gradient step on the replayed inputs ``idx`` (``lam`` overrides the reward's lambda)."""
+        from routerkit.uncertainty import BaseOutput
+
+        probs, unc, acc = self.build_cache()
+        costs = self.pipeline.costs.to(acc.device)
+        self.router.train()
+        logits = self.router.logits(BaseOutput(probs[idx], unc[idx]))
+        actions = explore_exploit_sample(logits, alpha, self.generator)
+        table = acc[idx]  # [B, P, A]
+        all_rewards = self.reward(table, table[..., :1].expand_as(table), costs.expand_as(table), lam)
+        rewards = all_rewards.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+        expected = (torch.softmax(logits.detach(), -1) * all_rewards).sum(-1)
+        if self.estimator == "all_actions":
+            log_probs_all = torch.log_softmax(logits, -1)
+            pg_loss = -(log_probs_all.exp() * torch.nan_to_num(all_rewards, nan=0.0)).sum(-1).mean()
+            entropy_bonus = -(log_probs_all.exp() * log_probs_all).sum(-1).mean()
+            loss = pg_loss - self.entropy_coef * entropy_bonus
+            logs = {"losses/pg_loss": float(pg_loss.detach()), "losses/entropy": float(entropy_bonus.detach())}
+        else:
+            weights = importance_weights(logits, actions, alpha) if self.importance_weighting else None
+            loss, logs = _policy_step(
+                self.router,
+                logits,
+                actions,
+                rewards,
+                _baseline(self.baseline, rewards, expected),
+                self.credit,
+                self.entropy_coef,
+                weights,
+            )
+        self.optimizers["router"].zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizers["router"].step()
+        logs["charts/mean_reward"] = float(rewards.mean())
+        return logs
+
+
+@torch.no_grad()
+def policy_probs(router: PaSeRRouter, probs: Tensor, uncertainty: Tensor, batch_size: int = 256) -> Tensor:
+    """The policy's action distribution ``[N, P, A]`` on replayed base states (eval mode)."""
+    from routerkit.uncertainty import BaseOutput
+
+    was_training = router.training
+    router.eval()
+    out = [
+        torch.softmax(router.logits(BaseOutput(probs[i : i + batch_size], uncertainty[i : i + batch_size])).float(), -1)
+        for i in range(0, probs.shape[0], batch_size)
+    ]
+    router.train(was_training)
+    return torch.cat(out)
+
+
+def total_variation(p: Tensor, q: Tensor) -> float:
+    """Mean over units of ``0.5 * sum_a |p(a) - q(a)|`` for action distributions ``[..., A]``.
+
+    For deterministic policies this is the share of units whose model changed.
+    """
+    if p.shape != q.shape:
+        raise ValueError(f"Expected action distributions of the same shape but got {tuple(p.shape)} and {tuple(q.shape)}.")
+    return float(total_variation_distance(p, q).mean())
+
+
+class PolicyFineTuning(PolicyTraining):
+    """Stage 3, policy only: lambda rises linearly and training stops at a TVD threshold (PaSeR, noisy MNIST).
+
+    The policy pre-trained with ``lambda = reward.lam`` (0 in the paper: the optimal assignment
+    without regard for cost) is fine-tuned on replayed D_FT while ``lambda`` increases linearly
+    from ``reward.lam`` to ``lam_end`` over all steps of the stage. After every step the total
+    variation distance between the current and the starting policy (mean over the units of
+    D_FT, `total_variation`) is measured; the first step that takes it above ``tvd_threshold``
+    is undone and the stage stops, so the result is the cheapest policy found within the
+    threshold. Task models stay frozen.
+
+    Args:
+        pipeline: The routed pipeline.
+        router: The pre-trained PaSeR router.
+        reward: Reward (its ``lam`` is the schedule's start).
+        accuracy: Per-unit accuracy term.
+        data: D_FT.
+        settings: Optimisation settings.
+        seed: Random seed.
+        tvd_threshold: Largest allowed TVD from the starting policy, in [0, 1].
+        lam_end: Lambda at the last step.
+        alpha_start: Explore/exploit alpha at the first epoch.
+        alpha_end: Alpha at the last epoch.
+        baseline: As in `PolicyTraining`.
+        credit: As in `PolicyTraining`.
+        entropy_coef: Entropy bonus.
+        importance_weighting: Correct explore/exploit sampling.
+        cache: Prebuilt replay cache of ``data``.
+    """
+
+    name = "finetune"
+
+    def __init__(
+        self,
+        pipeline: RoutedPipeline,
+        router: PaSeRRouter,
+        reward: Reward,
+        accuracy: AccuracyTerm,
+        data: Split,
+        settings: StageSettings,
+        seed: int,
+        tvd_threshold: float,
+        lam_end: float,
+        alpha_start: float = 0.95,
+        alpha_end: float = 1.0,
+        baseline: str = "expected",
+        credit: str = "unit",
+        entropy_coef: float = 0.0,
+        importance_weighting: bool = True,
+        cache: tuple[Tensor, Tensor, Tensor] | None = None,
+    ) -> None:
+        super().__init__(
+            pipeline,
+            router,
+            reward,
+            accuracy,
+            data,
+            settings,
+            seed,
+            alpha_start,
+            alpha_end,
+            baseline,
+            credit,
+            entropy_coef,
+            importance_weighting=importance_weighting,
+            cache=cache,
+        )
+        lam_start = float(getattr(reward, "lam", 0.0))
+        if not 0.0 <= tvd_threshold <= 1.0:
+            raise ValueError(f"Expected tvd_threshold in [0, 1] but got {tvd_threshold}.")
+        if not lam_start <= lam_end <= 1.0:
+            raise ValueError(f"Expected lam_end in [reward.lam={lam_start}, 1] but got {lam_end}.")
+        self.tvd_threshold, self.lam_start, self.lam_end = tvd_threshold, lam_start, lam_end
+        self.reference: Tensor | None = None
+        self.stopped, self.step, self.lam, self.tvd = False, 0, lam_start, 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["tvd"] = {
+            "reference": self.reference,
+            "stopped": self.stopped,
+            "step": self.step,
+            "lam": self.lam,
+            "tvd": self.tvd,
+        }
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        t = state["tvd"]
+        self.reference = t["reference"]
+        self.stopped, self.step, self.lam, self.tvd = bool(t["stopped"]), int(t["step"]), float(t["lam"]), float(t["tvd"])
+
+    def run_epoch(self, epoch: int) -> dict[str, float]:
+        probs, unc, _ = self.build_cache()
+        n = probs.shape[0]
+        if self.reference is None:
+            self.reference = policy_probs(self.router, probs, unc)
+        steps_per_epoch = -(-n // self.settings.batch_size)
+        total = max(self.settings.epochs * steps_per_epoch, 1)
+        alpha = linear_schedule(self.alpha_start, self.alpha_end, epoch, self.settings.epochs)
+        order = torch.randperm(n, generator=self.generator)
+        updates = 0
+        for start in range(0, n, self.settings.batch_size):
+            if self.stopped or self.tvd_threshold <= 0.0:
+                self.stopped = True
+                break
+            lam = linear_schedule(self.lam_start, self.lam_end, self.step, total)
+            before = copy.deepcopy(self.router.state_dict()), copy.deepcopy(self.optimizers["router"].state_dict())
+            self.update(order[start : start + self.settings.batch_size], alpha, lam)
+            tvd = total_variation(policy_probs(self.router, probs, unc), self.reference)
+            if tvd > self.tvd_threshold:
+                self.router.load_state_dict(before[0])
+                self.optimizers["router"].load_state_dict(before[1])
+                self.stopped = True
+                break
+            self.step, self.lam, self.tvd, updates = self.step + 1, lam, tvd, updates + 1
+        return {
+            "routing/tvd": self.tvd,
+            "charts/lambda": self.lam,
+            "charts/alpha": alpha,
+            "charts/updates": float(updates),
+            "charts/stopped": float(self.stopped),
+        }
 
 
 @torch.no_grad()
