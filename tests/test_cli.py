@@ -220,3 +220,22 @@ def test_train_cascade_routers_from_yaml(tmp_path: Path, router: str) -> None:
     assert "fit/gflops" in log[-1]
     metrics = json.loads((run_dir / "metrics" / "test.json").read_text())
     assert metrics["results"][0]["name"] == router
+
+
+def test_robustness_reports_degradation_and_large_model_share(tiny_run: Path) -> None:
+    before = (tiny_run / "checkpoints" / "final.safetensors").read_bytes()
+    result = runner.invoke(app, ["robustness", str(tiny_run), "--amount", "0.05", "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tiny_run / "robustness" / "robustness.json").read_text())
+    assert report["amount"] == 0.05 and report["init"] == "scratch" and report["epochs"] == 1
+    assert set(report["results"]) == {"clean", "noisy", "noisy_original_models"}
+    summary = {s["strategy"]: s for s in report["summary"]}
+    assert set(summary) == {"PaSeR", "PaSeR-RandPol"}
+    for s in summary.values():
+        clean = next(r for r in report["results"]["clean"] if r["name"] == s["strategy"])
+        assert s["large_share_clean"] == pytest.approx(1 - clean["usage"][0])
+        assert s["degradation"] == pytest.approx((s["iou_clean"] - s["iou_noisy"]) / s["iou_clean"])
+    assert "degradation" in (tiny_run / "robustness" / "robustness.md").read_text()
+    assert (tiny_run / "checkpoints" / "final.safetensors").read_bytes() == before  # the run's models are untouched
+    bad = runner.invoke(app, ["robustness", str(tiny_run), "--init", "nope"])
+    assert bad.exit_code == 2 and "init" in bad.output

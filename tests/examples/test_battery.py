@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -17,7 +15,6 @@ sys.path.insert(0, str(EXAMPLES))
 from battery_plugin import build_data  # noqa: E402
 from battery_plugin.synthetic import generate_battery  # noqa: E402
 
-from routerkit.cli import app  # noqa: E402
 from routerkit.partitioners import PatchGrid  # noqa: E402
 
 
@@ -80,34 +77,3 @@ def test_paser_folder_source_reads_the_layout(tmp_path: Path) -> None:
     bundle = build_data(source="paser_folder", root=str(tmp_path))
     assert len(bundle.train) == 3 and bundle.class_names == ["pore", "carbon", "nickel"]
     assert set(bundle.train.targets.unique().tolist()) == {0, 1, 2}
-
-
-TINY = [
-    "data.params.num_train=9",
-    "data.params.num_val=3",
-    "data.params.num_test=3",
-    "data.params.height=32",
-    "data.params.width=32",
-    "run.device=cpu",
-    "uncertainty.params.num_passes=2",
-    "training.pretrain_large.epochs=1",
-    "training.pretrain_base.epochs=1",
-    "training.policy.epochs=1",
-    "training.finetune.epochs=1",
-    "training.pretrain_large.batch_size=3",
-    "training.pretrain_base.batch_size=3",
-    "training.policy.batch_size=3",
-    "training.finetune.batch_size=3",
-    "evaluation.batch_size=3",
-]
-
-
-@pytest.mark.parametrize("config", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
-def test_every_example_config_trains_at_a_tiny_budget(config: Path, tmp_path: Path) -> None:
-    args = ["train", str(config), "--run-dir", str(tmp_path / "run")]
-    for item in TINY:
-        args += ["-s", item]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    metrics = json.loads((tmp_path / "run" / "metrics" / "test.json").read_text())
-    assert metrics["results"][0]["name"] == "PaSeR"
