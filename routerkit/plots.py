@@ -13,7 +13,14 @@ from routerkit.routers.base import Router
 
 @torch.no_grad()
 def routing_overlay(
-    pipeline: RoutedPipeline, router: Router, split: Split, path: Path, model_names: list[str], num_samples: int = 4
+    pipeline: RoutedPipeline,
+    router: Router,
+    split: Split,
+    path: Path,
+    model_names: list[str],
+    num_samples: int = 4,
+    num_classes: int | None = None,
+    ignore_index: int | None = None,
 ) -> Path:
     """Save a PNG: per sample, the input with each unit tinted by the model chosen for it, the
     labels and the routed prediction.
@@ -25,6 +32,8 @@ def routing_overlay(
         path: Output PNG file.
         model_names: Names of the zoo's models (legend).
         num_samples: How many inputs to show.
+        num_classes: Classes K (fixes the colour scale of labels and predictions; default: from the labels).
+        ignore_index: Label value drawn blank.
 
     Returns:
         ``path``.
@@ -38,6 +47,9 @@ def routing_overlay(
     n = min(num_samples, len(split))
     device = next(pipeline.zoo.base.parameters()).device
     images, targets = split.images[:n], split.targets[:n]
+    if num_classes is None:
+        valid = targets[targets != ignore_index] if ignore_index is not None else targets
+        num_classes = int(valid.max()) + 1 if valid.numel() else 2
     out = pipeline.route(images.to(device), router, greedy=True)
     rows, cols = pipeline.partitioner.grid_shape
     actions = out.actions.reshape(n, rows, cols).cpu()
@@ -45,15 +57,20 @@ def routing_overlay(
     fig, axes = plt.subplots(3, n, figsize=(2.6 * n, 7.2), squeeze=False)
     height, width = images.shape[-2:]
     for i in range(n):
-        img = images[i].cpu()
+        img = images[i].cpu().float()
+        img = (img - img.amin()) / (img.amax() - img.amin()).clamp_min(1e-8)  # normalised inputs, shown in [0, 1]
         shown = img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)
         ax = axes[0, i]
         ax.imshow(shown, cmap="gray")
         tint = colours(actions[i].numpy()).copy()  # [rows, cols, 4] RGBA of each unit's model
         tint[..., 3] = 0.35
         ax.imshow(tint, extent=(-0.5, width - 0.5, height - 0.5, -0.5), interpolation="nearest")
-        axes[1, i].imshow(targets[i].cpu(), cmap="viridis", interpolation="nearest")
-        axes[2, i].imshow(out.pred[i].cpu(), cmap="viridis", interpolation="nearest")
+        mask = targets[i].cpu().float()
+        if ignore_index is not None:
+            mask = mask.masked_fill(targets[i].cpu() == ignore_index, float("nan"))  # ignored pixels left blank
+        kw = {"cmap": "viridis", "interpolation": "nearest", "vmin": 0, "vmax": max(num_classes - 1, 1)}
+        axes[1, i].imshow(mask, **kw)
+        axes[2, i].imshow(out.pred[i].cpu(), **kw)
         for ax in axes[:, i]:
             ax.set_xticks([])
             ax.set_yticks([])

@@ -19,6 +19,9 @@ class RunConfig(_Section):
     seed: int = 0
     device: str = Field("cpu", description="torch device, e.g. 'cpu' or 'cuda'.")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default).")
+    checkpoint_every: int = Field(
+        1, ge=1, description="Checkpoint every N epochs (the end of every stage is always saved); large zoos: raise it."
+    )
 
 
 class DataConfig(_Section):

@@ -311,6 +311,11 @@ def train(
                 with log_path.open("a") as fh:
                     fh.write(json.dumps({"stage": stage.name, "epoch": epoch, **logs}) + "\n")
                 complete = epoch == epochs - 1
+                if not complete and (epoch + 1) % cfg.run.checkpoint_every:
+                    progress.update(
+                        task, advance=1, info="  ".join(f"{k.split('/')[-1]}={v:.4f}" for k, v in list(logs.items())[:3])
+                    )
+                    continue
                 save_checkpoint(
                     path,
                     f"{index}-{stage.name}-e{epoch:04d}",
@@ -379,7 +384,15 @@ def evaluate_experiment(exp: Experiment, run_dir: Path, console: Console | None 
     if split.images.dim() == 4 and split.targets.dim() == 3 and split.images.shape[1] in (1, 3):
         from routerkit.plots import routing_overlay
 
-        figure = routing_overlay(exp.pipeline, exp.router, split, Path(run_dir) / "figures" / "routing.png", exp.zoo.names)
+        figure = routing_overlay(
+            exp.pipeline,
+            exp.router,
+            split,
+            Path(run_dir) / "figures" / "routing.png",
+            exp.zoo.names,
+            num_classes=exp.data.num_classes,
+            ignore_index=exp.data.ignore_index,
+        )
         console.print(f"Routing overlay: {figure}")
     console.print(results_table(results, exp.zoo.names, cfg.evaluation.split))
     return results

@@ -42,6 +42,9 @@ def _augment(images: Tensor, targets: Tensor, generator: torch.Generator, *extra
 
 
 def _ce(logits: Tensor, targets: Tensor, ignore_index: int | None) -> Tensor:
+    """Cross-entropy; zero (still in the graph) when every target is ignored, instead of NaN."""
+    if ignore_index is not None and not bool((targets != ignore_index).any()):
+        return logits.sum() * 0.0
     return F.cross_entropy(logits, targets, ignore_index=-100 if ignore_index is None else ignore_index)
 
 
