@@ -262,7 +262,7 @@ class ExperimentConfig(_Section):
     def _cross_checks(self) -> ExperimentConfig:
         if self.uncertainty.name == "mc_dropout":
             base = self.zoo.models[0]
-            if float(base.params.get("dropout", 0.0) or 0.0) <= 0.0 and base.model.startswith(("unet", "toy")):
+            if float(base.params.get("dropout", 0.0) or 0.0) <= 0.0 and base.model.startswith(("unet", "toy", "cifar_resnet")):
                 raise ValueError(
                     "uncertainty.name is 'mc_dropout' but zoo.models[0] (the base model f_0) has no dropout: "
                     "set zoo.models[0].params.dropout (e.g. 0.1) or use uncertainty.name: softmax_entropy."

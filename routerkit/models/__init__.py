@@ -13,11 +13,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from routerkit._registry import Registry
+from routerkit.models.cifar_resnet import CIFAR_RESNET_DEPTHS, CifarResNet
 from routerkit.models.unet import PAPER_PRESETS, UNet
 
 __all__ = [
+    "CIFAR_RESNET_DEPTHS",
     "MODELS",
     "PAPER_PRESETS",
+    "CifarResNet",
     "SMPModel",
     "TaskModel",
     "ToyClassifier",
@@ -67,6 +70,25 @@ def _paper_unet(size: str) -> Any:
 
 for _size in PAPER_PRESETS:
     MODELS.register(f"unet_paper_{_size}")(_paper_unet(_size))
+
+
+@MODELS.register("cifar_resnet")
+def _cifar_resnet(
+    depth: int = 20, num_classes: int = 10, in_channels: int = 3, width: int = 16, dropout: float = 0.0
+) -> nn.Module:
+    return CifarResNet(depth, num_classes, in_channels, width, dropout)
+
+
+def _cifar_resnet_preset(depth: int) -> Any:
+    def build(num_classes: int = 10, in_channels: int = 3, dropout: float = 0.0) -> nn.Module:
+        return CifarResNet(depth, num_classes, in_channels, 16, dropout)
+
+    build.__doc__ = f"The CIFAR ResNet-{depth} of He et al. 2016 (widths 16 / 32 / 64)."
+    return build
+
+
+for _depth in CIFAR_RESNET_DEPTHS:
+    MODELS.register(f"cifar_resnet{_depth}")(_cifar_resnet_preset(_depth))
 
 
 class SMPModel(nn.Module):

@@ -30,8 +30,16 @@ from routerkit.routers.paser import PaSeRRouter
 
 
 def _augment(images: Tensor, targets: Tensor, generator: torch.Generator, *extra: Tensor) -> tuple[Tensor, ...]:
-    """Random horizontal / vertical flips of a segmentation batch (same flip per batch)."""
+    """Random flips of a batch.
+
+    Segmentation (``[N, H, W]`` targets): horizontal / vertical flips of images, masks and
+    ``extra`` (same flip per batch). Image classification (``[N]`` labels): the standard CIFAR
+    augmentation, a per-sample horizontal flip and a random crop after zero-padding by 1/8 of
+    the side; labels and ``extra`` are unchanged.
+    """
     out = (images, targets, *extra)
+    if images.dim() == 4 and targets.dim() == 1:
+        return (_flip_and_crop(images, generator), targets, *extra)
     if images.dim() != 4 or targets.dim() != 3:
         return out
     if bool(torch.rand((), generator=generator) < 0.5):
@@ -39,6 +47,19 @@ def _augment(images: Tensor, targets: Tensor, generator: torch.Generator, *extra
     if bool(torch.rand((), generator=generator) < 0.5):
         out = tuple(t.flip(-2) for t in out)
     return out
+
+
+def _flip_and_crop(images: Tensor, generator: torch.Generator) -> Tensor:
+    n, _, h, w = images.shape
+    flip = (torch.rand(n, generator=generator) < 0.5).to(images.device)
+    images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    pad = max(h, w) // 8
+    if pad == 0:
+        return images
+    padded = F.pad(images, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).tolist()
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).tolist()
+    return torch.stack([padded[i, :, y : y + h, x : x + w] for i, (y, x) in enumerate(zip(dy, dx, strict=True))])
 
 
 def _ce(logits: Tensor, targets: Tensor, ignore_index: int | None) -> Tensor:
