@@ -341,7 +341,6 @@ def tiny_overrides(tmp_path: Path) -> list[str]:
         "data.params.num_test=20",
         "run.device=cpu",
         "run.threads=1",
-        "uncertainty.params.num_passes=2",
         "training.pretrain_large.epochs=1",
         "training.pretrain_base.epochs=1",
         "training.policy.epochs=2",
