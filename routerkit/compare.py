@@ -279,7 +279,7 @@ def compare_strategies(
 
 
 def stage_policy(exp: Experiment, run_dir: Path) -> PaSeRRouter:
-    """A copy of ``exp``'s router with the weights it had at the end of stage 2 (policy training)."""
+    """A copy of ``exp``'s router with the weights it had at the end of stage 2 (policy training), read once."""
     from routerkit.training.checkpoint import load_checkpoint
 
     names = sorted(p.stem for p in (run_dir / "checkpoints").glob("*-policy-e*.json"))
@@ -310,8 +310,9 @@ def tvd_sweep(
     console.print(f"TVD sweep: fine-tuning the stage-2 policy up to TVD {thresholds} (replayed D_FT) ...")
     points = []
     cache = (ft_t.base.probs, ft_t.base.uncertainty, ft_t.accuracy)
+    start = stage_policy(exp, run_dir)
     for threshold in thresholds:
-        router = stage_policy(exp, run_dir)
+        router = copy.deepcopy(start)
         stage = tvd_stage(exp, router, threshold, exp.config.run.seed + 3, cache)
         for epoch in range(stage.settings.epochs):
             stage.run_epoch(epoch)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from routerkit import RoutedPipeline, WholeInput, Zoo
 from routerkit.data import Split
+from routerkit.replay import UnitTable, build_unit_table
+from routerkit.rewards import Correctness
+from routerkit.routers import PaSeRRouter
 
 K = 3
 
@@ -41,3 +45,13 @@ def known_split(n: int, seed: int) -> Split:
     group = torch.arange(n) % 2
     x = torch.cat([label.float().unsqueeze(1), group.float().unsqueeze(1), torch.randn(n, 2, generator=gen)], 1)
     return Split(x, label)
+
+
+def known_setup(f1_width: int = 16, n: int = 60) -> tuple[RoutedPipeline, Split, UnitTable, PaSeRRouter]:
+    """The known zoo (f_0 right on group 0, f_1 on group 1, f_2 everywhere), its replayed table and a fresh policy."""
+    zoo = Zoo([KnownModel((0,), 2), KnownModel((1,), f1_width), KnownModel((0, 1), 256)]).eval()
+    pipe = RoutedPipeline(zoo, WholeInput(), "softmax_entropy", "param_share", (4,))
+    split = known_split(n, 0)
+    table = build_unit_table(pipe, Correctness(K), split, K)
+    torch.manual_seed(0)
+    return pipe, split, table, PaSeRRouter(3, in_channels=K + 1, spatial=False, width=8)

@@ -57,9 +57,12 @@ def _flip_and_crop(images: Tensor, generator: torch.Generator) -> Tensor:
     if pad == 0:
         return images
     padded = F.pad(images, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).tolist()
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).tolist()
-    return torch.stack([padded[i, :, y : y + h, x : x + w] for i, (y, x) in enumerate(zip(dy, dx, strict=True))])
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(images.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(images.device)
+    rows = (dy[:, None] + torch.arange(h, device=images.device))[:, :, None]  # [N, h, 1]
+    cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, :]  # [N, 1, w]
+    batch = torch.arange(n, device=images.device)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)  # one gather for the whole batch
 
 
 def _ce(logits: Tensor, targets: Tensor, ignore_index: int | None) -> Tensor:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _tiny import tiny_training
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -341,15 +342,7 @@ def tiny_overrides(tmp_path: Path) -> list[str]:
         "data.params.num_test=20",
         "run.device=cpu",
         "run.threads=1",
-        "training.pretrain_large.epochs=1",
-        "training.pretrain_base.epochs=1",
-        "training.policy.epochs=2",
-        "training.finetune.epochs=1",
-        "training.pretrain_large.batch_size=10",
-        "training.pretrain_base.batch_size=10",
-        "training.policy.batch_size=10",
-        "training.finetune.batch_size=10",
-        "evaluation.batch_size=10",
+        *tiny_training(batch_size=10, policy_epochs=2),
     ]
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _tiny import tiny_training
 from PIL import Image
 from torch import Tensor
 
@@ -65,15 +66,7 @@ def tiny_overrides(tmp_path: Path) -> list[str]:
         "run.threads=1",
         "zoo.models.2.params.encoder_name=mit_b0",
         "uncertainty.params.num_passes=2",
-        "training.pretrain_large.epochs=1",
-        "training.pretrain_base.epochs=1",
-        "training.policy.epochs=1",
-        "training.finetune.epochs=1",
-        "training.pretrain_large.batch_size=3",
-        "training.pretrain_base.batch_size=3",
-        "training.policy.batch_size=3",
-        "training.finetune.batch_size=3",
-        "evaluation.batch_size=3",
+        *tiny_training(batch_size=3),
     ]
 
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from _tiny import tiny_training
 from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,15 +29,7 @@ BATTERY = [
     "data.params.height=32",
     "data.params.width=32",
     "uncertainty.params.num_passes=2",
-    "training.pretrain_large.epochs=1",
-    "training.pretrain_base.epochs=1",
-    "training.policy.epochs=1",
-    "training.finetune.epochs=1",
-    "training.pretrain_large.batch_size=3",
-    "training.pretrain_base.batch_size=3",
-    "training.policy.batch_size=3",
-    "training.finetune.batch_size=3",
-    "evaluation.batch_size=3",
+    *tiny_training(batch_size=3),
 ]
 
 # Example family (file name up to the first "_" or ".") -> tiny fixture + overrides.

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _tiny import tiny_training
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -53,10 +54,7 @@ def tiny_overrides(tmp_path: Path) -> list[str]:
         "data.params.num_val=6",
         "data.params.num_test=9",
         "uncertainty.params.num_passes=2",
-        "training.pretrain_large.epochs=1",
-        "training.pretrain_base.epochs=1",
-        "training.policy.epochs=2",
-        "training.finetune.epochs=2",
+        *tiny_training(policy_epochs=2, finetune_epochs=2),
         "compare.sweep_lambdas=[0.0, 0.5]",
         "compare.sweep_policy_epochs=1",
         "compare.stop_epochs=1",

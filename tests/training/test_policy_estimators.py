@@ -11,22 +11,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _known import K, KnownModel, known_split
+from _known import K, KnownModel, known_setup, known_split
 
 from routerkit import RoutedPipeline, WholeInput, Zoo
-from routerkit.replay import build_unit_table
 from routerkit.rewards import Correctness, PaSeRReward
 from routerkit.routers import PaSeRRouter
 from routerkit.training.stages import PolicyTraining, StageSettings, importance_weights
 
 
 def _train(baseline: str, importance_weighting: bool, estimator: str = "reinforce") -> list[list[int]]:
-    zoo = Zoo([KnownModel((0,), 2), KnownModel((1,), 16), KnownModel((0, 1), 256)]).eval()
-    pipe = RoutedPipeline(zoo, WholeInput(), "softmax_entropy", "param_share", (4,))
-    split = known_split(60, 0)
-    table = build_unit_table(pipe, Correctness(K), split, K)
-    torch.manual_seed(0)
-    router = PaSeRRouter(3, in_channels=K + 1, spatial=False, width=8)
+    pipe, split, table, router = known_setup()
     stage = PolicyTraining(
         pipe,
         router,

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 import torch
-from _known import K, KnownModel, known_split
+from _known import K, known_setup, known_split
 
-from routerkit import RoutedPipeline, WholeInput, Zoo
-from routerkit.replay import UnitTable, build_unit_table
+from routerkit import RoutedPipeline
+from routerkit.replay import UnitTable
 from routerkit.rewards import Correctness, PaSeRReward
 from routerkit.routers import PaSeRRouter
 from routerkit.training.stages import PolicyFineTuning, PolicyTraining, StageSettings, policy_probs, total_variation
@@ -20,12 +20,7 @@ LAM = 0.2  # unique optimum at this lambda: f_0 on group 0, f_1 on group 1 (f_2 
 
 @pytest.fixture(scope="module")
 def pretrained() -> tuple[RoutedPipeline, UnitTable, dict[str, Any]]:
-    zoo = Zoo([KnownModel((0,), 2), KnownModel((1,), 64), KnownModel((0, 1), 256)]).eval()
-    pipe = RoutedPipeline(zoo, WholeInput(), "softmax_entropy", "param_share", (4,))
-    split = known_split(60, 0)
-    table = build_unit_table(pipe, Correctness(K), split, K)
-    torch.manual_seed(0)
-    router = PaSeRRouter(3, in_channels=K + 1, spatial=False, width=8)
+    pipe, split, table, router = known_setup(f1_width=64)
     stage = PolicyTraining(
         pipe, router, PaSeRReward(LAM), Correctness(K), split, StageSettings(30, 3e-3, 20), 0,
         estimator="all_actions", cache=_cache(table),
@@ -80,7 +75,7 @@ def test_the_threshold_bounds_the_drift(pretrained: Any, threshold: float) -> No
         assert stage.stopped and stage.lam < 1.0
 
 
-def test_schedule_is_resumable_after_stopping(pretrained: Any) -> None:
+def test_a_stopped_stage_does_nothing_more(pretrained: Any) -> None:
     stage, _, _ = _finetune(pretrained, 0.01, epochs=4)
     assert stage.stopped
     logs = stage.run_epoch(3)  # a stopped stage does nothing more

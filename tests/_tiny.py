@@ -1,0 +1,18 @@
+"""Tiny training budgets shared by the example tests (every stage one epoch unless told otherwise)."""
+
+from __future__ import annotations
+
+
+def tiny_training(batch_size: int | None = None, policy_epochs: int = 1, finetune_epochs: int = 1) -> list[str]:
+    """``-s`` overrides that shrink every stage of Algorithm 1 (and the evaluation batch when ``batch_size`` is given)."""
+    items = [
+        "training.pretrain_large.epochs=1",
+        "training.pretrain_base.epochs=1",
+        f"training.policy.epochs={policy_epochs}",
+        f"training.finetune.epochs={finetune_epochs}",
+    ]
+    if batch_size is not None:
+        stages = ("pretrain_large", "pretrain_base", "policy", "finetune")
+        items += [f"training.{stage}.batch_size={batch_size}" for stage in stages]
+        items.append(f"evaluation.batch_size={batch_size}")
+    return items
