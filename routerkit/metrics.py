@@ -68,6 +68,7 @@ def evaluate_router(
         raise ValueError("Cannot evaluate on an empty split.")
     pipeline.zoo.eval()
     router.eval()
+    router.reset()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     usage = torch.zeros(pipeline.num_actions, dtype=torch.float64)
     flops = 0.0

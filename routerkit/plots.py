@@ -50,6 +50,7 @@ def routing_overlay(
     if num_classes is None:
         valid = targets[targets != ignore_index] if ignore_index is not None else targets
         num_classes = int(valid.max()) + 1 if valid.numel() else 2
+    router.reset()
     out = pipeline.route(images.to(device), router, greedy=True)
     rows, cols = pipeline.partitioner.grid_shape
     actions = out.actions.reshape(n, rows, cols).cpu()

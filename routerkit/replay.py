@@ -213,6 +213,7 @@ def build_unit_table(
 @torch.no_grad()
 def decide(router: Router, table: UnitTable) -> Tensor:
     """Greedy decisions ``[N, P]`` of any router on a replayed table (cascades and the oracle included)."""
+    router.reset()
     if isinstance(router, (CascadeRouter, OracleRouter)):
         return router.decide_table(table)
     return router.route(table.base, greedy=True)

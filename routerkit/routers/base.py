@@ -82,6 +82,13 @@ class Router(nn.Module, ABC):
         """The network that runs per input (for FLOP accounting), or ``None``."""
         return None
 
+    def reset(self) -> None:
+        """Restore the router's own random state before a pass over a split.
+
+        Evaluation calls it first, so a stochastic router (the random policy) takes the same
+        decisions every time it is evaluated on the same split. Deterministic routers need nothing.
+        """
+
 
 ROUTERS: Registry[Router] = Registry("router", Router)
 

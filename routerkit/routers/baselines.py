@@ -38,6 +38,10 @@ class RandomRouter(Router):
         self.seed = seed
         self._generator = torch.Generator().manual_seed(seed)
 
+    def reset(self) -> None:
+        """Re-seed the router's generator: each evaluation draws the same decisions."""
+        self._generator.manual_seed(self.seed)
+
     def _route(self, state: BaseOutput, greedy: bool, generator: torch.Generator | None) -> Tensor:
         batch = state.probs.shape[0]
         gen = generator if generator is not None else self._generator

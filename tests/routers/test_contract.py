@@ -10,6 +10,7 @@ from torch import nn
 
 from routerkit import PatchGrid, RoutedPipeline, WholeInput, Zoo
 from routerkit._registry import RegistryError
+from routerkit.data import DataBundle
 from routerkit.models import ToyClassifier
 from routerkit.routers import (
     ConvPolicy,
@@ -287,3 +288,27 @@ def test_paser_state_scales_uncertainty() -> None:
     assert bool((x[:, K] <= 1 + 1e-6).all())
     assert router.is_trainable and router.uses_uncertainty and not router.is_cascade
     assert router.flops_module() is router.policy
+
+
+@pytest.mark.parametrize("name", PICK_FIRST)
+def test_reset_reproduces_sampled_decisions(name: str) -> None:
+    router = build(name).eval()
+    state = spatial_state(seed=4)
+    router.reset()
+    first = [router.route(state, greedy=True) for _ in range(3)]
+    router.reset()
+    again = [router.route(state, greedy=True) for _ in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+def test_random_router_evaluates_identically_twice(tiny_zoo: Zoo, tiny_seg_bundle: DataBundle) -> None:
+    from routerkit.metrics import evaluate_router
+
+    router = RandomRouter(2, grid_shape=(2, 2), seed=3)
+    pipe = RoutedPipeline(tiny_zoo, PatchGrid(2, 2), "mc_dropout", "param_share", (1, 8, 8))
+    runs = [evaluate_router(pipe, router, tiny_seg_bundle.test, num_classes=2, batch_size=1) for _ in range(2)]
+    assert runs[0].usage == runs[1].usage
+    # Without the reset, the second pass would continue the generator and draw other decisions.
+    drawn = router.route(BaseOutput(torch.rand(4, 2, 8, 8), torch.rand(4, 8, 8)))
+    router.reset()
+    assert not torch.equal(drawn, router.route(BaseOutput(torch.rand(4, 2, 8, 8), torch.rand(4, 8, 8))))
