@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from routerkit._registry import import_object
 from routerkit.config import ConfigError
 from routerkit.config.schema import ExperimentConfig
 from routerkit.data import DataBundle, Split, paser_split
-from routerkit.models import Zoo, create_model
+from routerkit.models import MODELS, Zoo, create_model
 from routerkit.partitioners import create_partitioner
 from routerkit.pipeline import RoutedPipeline
 from routerkit.rewards import AccuracyTerm, Reward, create_accuracy, create_reward
@@ -62,15 +63,30 @@ def build_data(cfg: ExperimentConfig) -> DataBundle:
     return bundle
 
 
+def _named_parameters(factory: Any) -> set[str]:
+    """Names a factory (function or class) accepts as keywords; empty when it cannot be inspected."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name for p in params if p.kind in kinds}
+
+
 def build_zoo(cfg: ExperimentConfig, in_channels: int, num_classes: int) -> Zoo:
-    """Build the task models; ``in_channels``/``num_classes`` are filled in where not given."""
+    """Build the task models.
+
+    ``in_channels`` and ``num_classes`` come from the data and are passed to every model whose
+    factory takes an argument of that name and whose YAML does not set it (built-in or plugin).
+    """
     models = {}
     for i, m in enumerate(cfg.zoo.models):
         params: dict[str, Any] = dict(m.params)
-        if m.model.startswith(("unet", "toy_segmenter", "smp")):
-            params.setdefault("in_channels", in_channels)
-            params.setdefault("num_classes", num_classes)
         try:
+            accepted = _named_parameters(MODELS.get(m.model))
+            for key, value in (("in_channels", in_channels), ("num_classes", num_classes)):
+                if key in accepted:
+                    params.setdefault(key, value)
             models[m.name] = create_model(m.model, **params)
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(f"zoo.models.{i} ({m.name!r}): {err}") from None
