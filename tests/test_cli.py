@@ -79,7 +79,7 @@ def test_train_then_evaluate_tiny(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = runner.invoke(app, ["train", str(BATTERY), "--run-dir", str(run_dir), *_args()])
     assert result.exit_code == 0, result.output
-    for name in ("PaSeR", "f0_small alone", "f2_large alone", "PaSeR-RandPol", "IoU/GigaFlop"):
+    for name in ("PaSeR", "f0_small alone", "f2_large alone", "PaSeR-RandPol", "IoU/GigaFlop", "accuracy"):
         assert name in result.output
     metrics = json.loads((run_dir / "metrics" / "test.json").read_text())
     names = [r["name"] for r in metrics["results"]]

@@ -428,13 +428,19 @@ def results_table(results: list[EvalResult], model_names: list[str], split: str)
     table = Table(title=f"{split} split — GFLOPs per input, counting every pass that ran ({FLOP_CONVENTION})")
     table.add_column("strategy")
     table.add_column("mean IoU", justify="right")
+    table.add_column("accuracy", justify="right")
     table.add_column("GFLOPs", justify="right")
     table.add_column("IoU/GigaFlop", justify="right")
     for name in model_names:
         table.add_column(f"% {name}", justify="right")
     for r in results:
         table.add_row(
-            r.name, f"{r.mean_iou:.4f}", f"{r.gflops:.4f}", f"{r.iou_per_gflop:.2f}", *[f"{100 * u:.1f}" for u in r.usage]
+            r.name,
+            f"{r.mean_iou:.4f}",
+            f"{r.accuracy:.4f}",
+            f"{r.gflops:.4f}",
+            f"{r.iou_per_gflop:.2f}",
+            *[f"{100 * u:.1f}" for u in r.usage],
         )
     return table
 
