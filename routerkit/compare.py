@@ -152,7 +152,7 @@ def train_paser_on_table(
         cache=(table.base.probs, table.base.uncertainty, table.accuracy),
     )
     for epoch in range(epochs):
-        stage.run_epoch(epoch)
+        stage.train_epoch(epoch)
     return router.eval()
 
 
@@ -315,7 +315,7 @@ def tvd_sweep(
         router = copy.deepcopy(start)
         stage = tvd_stage(exp, router, threshold, exp.config.run.seed + 3, cache)
         for epoch in range(stage.settings.epochs):
-            stage.run_epoch(epoch)
+            stage.train_epoch(epoch)
             if stage.stopped:
                 break
         router.eval()

@@ -127,11 +127,10 @@ def noisy_variants(
     noisy = salt_and_pepper(pt.images.cpu(), amount, g).to(pt.images.device)
     data = Split(torch.cat([pt.images, noisy]), torch.cat([pt.targets, pt.targets]))
     p = exp.config.training.pretrain_large
-    stage = LargeModelPretraining(
-        pipeline, data, StageSettings(epochs, p.lr, p.batch_size, p.weight_decay), seed, exp.data.ignore_index, p.augment
-    )
+    settings = StageSettings(epochs, p.lr, p.batch_size, p.weight_decay, p.lr_schedule)
+    stage = LargeModelPretraining(pipeline, data, settings, seed, exp.data.ignore_index, p.augment)
     for epoch in range(epochs):
-        logs = stage.run_epoch(epoch)
+        logs = stage.train_epoch(epoch)
         if console is not None:
             console.print(
                 f"  noisy-aware large models, epoch {epoch + 1}/{epochs}: " + ", ".join(f"{k}={v:.4f}" for k, v in logs.items())

@@ -115,6 +115,9 @@ class OptimConfig(_Section):
     lr: float = Field(1e-4, gt=0)
     batch_size: int = Field(32, ge=1)
     weight_decay: float = Field(0.0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="'cosine' anneals the learning rate to 0 over the stage's epochs."
+    )
 
 
 class PretrainLargeConfig(OptimConfig):

@@ -38,7 +38,7 @@ STAGE_ORDER = ("pretrain_large", "pretrain_base", "policy", "finetune")
 
 
 def _settings(section: Any) -> StageSettings:
-    return StageSettings(section.epochs, section.lr, section.batch_size, section.weight_decay)
+    return StageSettings(section.epochs, section.lr, section.batch_size, section.weight_decay, section.lr_schedule)
 
 
 def policy_stage(
@@ -60,7 +60,7 @@ def policy_stage(
         cache: A prebuilt replay cache of D_RL.
     """
     p = exp.config.training.policy
-    settings = StageSettings(p.epochs if epochs is None else epochs, p.lr, p.batch_size, p.weight_decay)
+    settings = StageSettings(p.epochs if epochs is None else epochs, p.lr, p.batch_size, p.weight_decay, p.lr_schedule)
     return PolicyTraining(
         exp.pipeline,
         router,
@@ -307,7 +307,7 @@ def train(
             first = done_epoch + 1 if index == done_stage else 0
             progress.update(task, completed=first)
             for epoch in range(first, epochs):
-                logs = stage.run_epoch(epoch)
+                logs = stage.train_epoch(epoch)
                 with log_path.open("a") as fh:
                     fh.write(json.dumps({"stage": stage.name, "epoch": epoch, **logs}) + "\n")
                 complete = epoch == epochs - 1

@@ -7,13 +7,16 @@
    accuracies are computed once and *replayed*; an epoch then costs only the policy.
 4. `JointFineTuning`: large models and policy together on D_FT.
 
-Each stage exposes ``run_epoch(epoch) -> dict of logged scalars`` and ``state_dict()`` /
-``load_state_dict()`` (modules + optimisers) so the runner can checkpoint after every epoch.
+Each stage implements ``run_epoch(epoch) -> dict of logged scalars``; callers use
+``train_epoch(epoch)``, which first sets the epoch's learning rate (``lr_schedule``) and then runs
+it. ``state_dict()`` / ``load_state_dict()`` (modules + optimisers) let the runner checkpoint after
+every epoch.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +83,21 @@ class StageSettings:
     lr: float
     batch_size: int
     weight_decay: float = 0.0
+    #: ``"constant"`` or ``"cosine"`` (each optimiser's rate annealed from its initial value to 0
+    #: over the stage's epochs, set at the start of every epoch).
+    lr_schedule: str = "constant"
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
+    """Multiplier of the initial learning rate during ``epoch`` (0-based) of ``epochs``."""
+    if schedule == "constant" or epochs <= 1:
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    raise ValueError(f"Expected lr_schedule in {LR_SCHEDULES} but got {schedule!r}.")
 
 
 class Stage:
@@ -90,13 +108,30 @@ class Stage:
     def __init__(self, settings: StageSettings, seed: int) -> None:
         if settings.epochs < 0 or settings.batch_size < 1 or settings.lr <= 0:
             raise ValueError(f"Expected epochs >= 0, batch_size >= 1 and lr > 0 for stage {self.name!r} but got {settings}.")
+        if settings.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"Expected lr_schedule in {LR_SCHEDULES} for stage {self.name!r} but got {settings.lr_schedule!r}.")
         self.settings = settings
         self.generator = torch.Generator().manual_seed(seed)
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.modules: dict[str, nn.Module] = {}
+        self._initial_lrs: dict[str, list[float]] = {}
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
         raise NotImplementedError
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """Set the epoch's learning rates from ``settings.lr_schedule``, then `run_epoch`."""
+        self._record_initial_lrs()
+        factor = lr_factor(self.settings.lr_schedule, epoch, self.settings.epochs)
+        for key, optimizer in self.optimizers.items():
+            for group, initial in zip(optimizer.param_groups, self._initial_lrs[key], strict=True):
+                group["lr"] = initial * factor
+        return self.run_epoch(epoch)
+
+    def _record_initial_lrs(self) -> None:
+        """Remember each optimiser's rates as built (before a resume overwrites them with scheduled ones)."""
+        for key, optimizer in self.optimizers.items():
+            self._initial_lrs.setdefault(key, [float(g["lr"]) for g in optimizer.param_groups])
 
     def num_steps(self) -> int:
         """Optimisation steps per epoch (for progress bars)."""
@@ -110,6 +145,7 @@ class Stage:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._record_initial_lrs()
         for k, m in self.modules.items():
             m.load_state_dict(state["modules"][k])
         for k, o in self.optimizers.items():

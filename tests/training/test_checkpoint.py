@@ -179,7 +179,8 @@ def test_to_device_nested() -> None:
     assert_same(obj, moved)
 
 
-def test_policy_stage_resumes_exactly_from_checkpoint(tmp_path: Path, tiny_seg_bundle) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_policy_stage_resumes_exactly_from_checkpoint(tmp_path: Path, tiny_seg_bundle, schedule: str) -> None:  # type: ignore[no-untyped-def]
     from routerkit import PatchGrid, RoutedPipeline, Zoo
     from routerkit.models import ToySegmenter
     from routerkit.rewards import PaSeRReward, UnitIoU
@@ -191,22 +192,25 @@ def test_policy_stage_resumes_exactly_from_checkpoint(tmp_path: Path, tiny_seg_b
         zoo = Zoo([ToySegmenter(1, 2, width=2, dropout=0.3), ToySegmenter(1, 2, width=6)])
         pipe = RoutedPipeline(zoo, PatchGrid(2, 2), "softmax_entropy", "param_share", (1, 8, 8))
         router = PaSeRRouter(2, grid_shape=(2, 2), in_channels=3, width=2)
-        settings = StageSettings(epochs=3, lr=1e-2, batch_size=4)
+        settings = StageSettings(epochs=3, lr=1e-2, batch_size=4, lr_schedule=schedule)
         stage = PolicyTraining(pipe, router, PaSeRReward(0.3), UnitIoU(2), tiny_seg_bundle.train, settings, seed=5)
         return stage, router
 
     straight, router_a = make()
     for epoch in range(3):
-        logs_a = straight.run_epoch(epoch)
+        logs_a = straight.train_epoch(epoch)
+    last_lr = straight.optimizers["router"].param_groups[0]["lr"]
+    assert last_lr == pytest.approx(1e-2 if schedule == "constant" else 1e-2 * 0.25)
 
     first, _ = make()
-    first.run_epoch(0)
+    first.train_epoch(0)
     save_checkpoint(tmp_path, "policy-epoch0000", first.state_dict(), {"epoch": 0})
     resumed, router_b = make()
     state, meta = load_checkpoint(tmp_path)
     resumed.load_state_dict(state)
     for epoch in range(meta["epoch"] + 1, 3):
-        logs_b = resumed.run_epoch(epoch)
+        logs_b = resumed.train_epoch(epoch)
     assert logs_a == pytest.approx(logs_b)
+    assert resumed.optimizers["router"].param_groups[0]["lr"] == pytest.approx(last_lr)
     for p, q in zip(router_a.state_dict().values(), router_b.state_dict().values(), strict=True):
         assert torch.allclose(p.float(), q.float())
