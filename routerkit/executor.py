@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from routerkit.flops import count_flops
 from routerkit.models import Zoo
 from routerkit.partitioners import Partitioner
+from routerkit.uncertainty.base import UncertaintyEstimator
 
 
 @dataclass
@@ -88,7 +89,8 @@ class Executor:
 class FlopAccountant:
     """Counts, with fvcore, the FLOPs of everything that runs for one input.
 
-    Per input: ``base_passes x FLOPs(f_0 on the whole input)`` + ``FLOPs(policy on the state)``
+    Per input: what ``f_0`` ran for the state (``estimator_flops``: N full MC-dropout passes, or one
+    trunk + N heads; one pass for routers without uncertainty) + ``FLOPs(policy on the state)``
     + ``sum_i units_i x FLOPs(f_i on one unit)``. fvcore convention: one multiply-add = one flop.
 
     Args:
@@ -105,6 +107,7 @@ class FlopAccountant:
         self._unit_flops: list[int] | None = None
         self._base_flops: int | None = None
         self._module_flops: dict[int, int] = {}
+        self._estimator_flops: dict[int, int] = {}
 
     @property
     def base_flops(self) -> int:
@@ -120,6 +123,13 @@ class FlopAccountant:
             self._unit_flops = [count_flops(m, self.unit_shape) for m in self.zoo]
         return self._unit_flops
 
+    def estimator_flops(self, estimator: UncertaintyEstimator) -> int:
+        """FLOPs per input of ``estimator`` on ``f_0`` (all its passes); cached per estimator."""
+        key = id(estimator)
+        if key not in self._estimator_flops:
+            self._estimator_flops[key] = estimator.flops(self.zoo.base, self.input_shape)
+        return self._estimator_flops[key]
+
     def module_flops(self, module: nn.Module | None, input_shape: tuple[int, ...]) -> int:
         """FLOPs of an extra per-input module (a policy network); cached per module."""
         if module is None:
@@ -129,11 +139,11 @@ class FlopAccountant:
             self._module_flops[key] = count_flops(module, input_shape)
         return self._module_flops[key]
 
-    def per_input(self, base_passes: int, policy_flops: int, unit_counts: Tensor) -> Tensor:
+    def per_input(self, base_flops: float, policy_flops: float, unit_counts: Tensor) -> Tensor:
         """FLOPs of each input.
 
         Args:
-            base_passes: Forwards of ``f_0`` on the whole input (0, 1 or the MC passes).
+            base_flops: FLOPs of ``f_0`` per input for the state (0, one pass, or the estimator's).
             policy_flops: FLOPs of the router's network per input.
             unit_counts: ``[B, m + 1]`` units per input sent to each model (column 0 is free:
                 ``f_0`` already ran on the whole input).
@@ -144,4 +154,4 @@ class FlopAccountant:
         per_unit = torch.tensor(self.unit_flops, dtype=torch.float64)
         per_unit[0] = 0.0
         routed = (unit_counts.double().cpu() * per_unit).sum(-1)
-        return routed + float(base_passes * self.base_flops + policy_flops)
+        return routed + float(base_flops + policy_flops)

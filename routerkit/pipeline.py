@@ -112,6 +112,14 @@ class RoutedPipeline:
             return 0
         return self.estimator.num_passes if router.uses_uncertainty else 1
 
+    def base_flops(self, router: Router | None) -> float:
+        """FLOPs per input of running ``f_0`` as ``router`` needs it (``None``: the estimator's state)."""
+        if router is not None and self.base_passes(router) == 0:
+            return 0.0
+        if router is None or router.uses_uncertainty:
+            return float(self.accountant.estimator_flops(self.estimator))
+        return float(self.accountant.base_flops)
+
     def base_output(self, x: Tensor, router: Router) -> BaseOutput:
         """Run ``f_0`` as ``router`` needs it (MC passes, one pass, or not at all)."""
         passes = self.base_passes(router)
@@ -180,9 +188,8 @@ class RoutedPipeline:
         counts = F.one_hot(actions, self.num_actions).sum(1)
         if router is not None and router.is_cascade:
             counts = counts.flip(-1).cumsum(-1).flip(-1)  # a unit that reached f_i paid f_1..f_i
-        passes = self.base_passes(router) if router is not None else self.estimator.num_passes
         policy = self.policy_flops(router, base) if router is not None else 0
-        return self.accountant.per_input(passes, policy, counts)
+        return self.accountant.per_input(self.base_flops(router), policy, counts)
 
     def execute(self, x: Tensor, base: BaseOutput, actions: Tensor, router: Router | None = None) -> RoutedOutput:
         """Run given decisions ``actions [B, P]`` on ``x`` with the base output ``base``."""

@@ -37,8 +37,8 @@ class UnitTable:
         unit_probs: ``[N, P, A, K]`` class probabilities of each model averaged over the unit.
         confusion: ``[N, P, A, K, K]`` confusion counts (rows = label) of each model on each unit.
         unit_flops: ``[A]`` FLOPs of each model on one unit (``f_0``: 0, it runs on the whole input).
-        base_flops: FLOPs of one pass of ``f_0`` on one whole input.
-        base_passes: Passes of ``f_0`` that the uncertainty estimator costs.
+        base_flops: FLOPs of one deterministic pass of ``f_0`` on one whole input.
+        state_flops: FLOPs of ``f_0`` for the estimator's state on one input (all MC passes).
         costs: ``[A]`` normalised costs of the cost model.
     """
 
@@ -50,7 +50,7 @@ class UnitTable:
     confusion: Tensor
     unit_flops: Tensor
     base_flops: float
-    base_passes: int
+    state_flops: float
     costs: Tensor
 
     @property
@@ -79,7 +79,7 @@ class UnitTable:
             self.confusion[index],
             self.unit_flops,
             self.base_flops,
-            self.base_passes,
+            self.state_flops,
             self.costs,
         )
 
@@ -100,21 +100,23 @@ class UnitTable:
         confusion = self.confusion.gather(2, idx).sum((0, 1, 2))
         return float(torch.nanmean(iou_from_confusion(confusion)))
 
-    def flops(self, actions: Tensor, cascade: bool = False, base_passes: int | None = None, policy_flops: float = 0.0) -> float:
+    def flops(
+        self, actions: Tensor, cascade: bool = False, base_flops: float | None = None, policy_flops: float = 0.0
+    ) -> float:
         """Mean FLOPs per input of ``actions`` (fvcore convention: one multiply-add = one flop).
 
         Args:
             actions: ``[N, P]`` final model per unit.
             cascade: Whether a unit that ended at model ``a`` also paid for models ``1..a-1``.
-            base_passes: Passes of ``f_0`` charged (default: the estimator's).
+            base_flops: FLOPs of ``f_0`` charged per input (default: the estimator's, ``state_flops``).
             policy_flops: FLOPs of the router's own networks per input.
         """
         self._check_actions(actions)
         onehot = F.one_hot(actions, self.num_actions).double()
         paid = onehot.flip(-1).cumsum(-1).flip(-1) if cascade else onehot
         routed = (paid * self.unit_flops.double()).sum((1, 2))
-        passes = self.base_passes if base_passes is None else base_passes
-        return float(routed.mean()) + passes * self.base_flops + policy_flops
+        base = self.state_flops if base_flops is None else base_flops
+        return float(routed.mean()) + base + policy_flops
 
     def usage(self, actions: Tensor) -> list[float]:
         """Share of units sent to each model."""
@@ -205,7 +207,7 @@ def build_unit_table(
         confusion=torch.cat(rows["conf"]),
         unit_flops=unit_flops,
         base_flops=float(acct.base_flops),
-        base_passes=pipeline.estimator.num_passes,
+        state_flops=float(acct.estimator_flops(pipeline.estimator)),
         costs=pipeline.costs.detach().cpu().float(),
     )
 
@@ -228,5 +230,4 @@ def routed_flops(pipeline: RoutedPipeline, router: Router, table: UnitTable, act
     policy = 0.0
     if router.flops_module() is not None:
         policy = float(pipeline.policy_flops(router, BaseOutput(table.base.probs[:1], table.base.uncertainty[:1])))
-    passes = pipeline.base_passes(router)
-    return table.flops(actions, cascade=router.is_cascade, base_passes=passes, policy_flops=policy)
+    return table.flops(actions, cascade=router.is_cascade, base_flops=pipeline.base_flops(router), policy_flops=policy)

@@ -11,8 +11,11 @@ from fvcore.nn import FlopCountAnalysis
 from torch import nn
 
 from routerkit import FlopAccountant, PatchGrid, RoutedPipeline, WholeInput, Zoo
+from routerkit.data import Split
 from routerkit.flops import count_flops
-from routerkit.models import ToyClassifier, ToySegmenter, UNet
+from routerkit.models import CifarResNet, ToyClassifier, ToySegmenter, UNet
+from routerkit.replay import build_unit_table, routed_flops
+from routerkit.rewards import Correctness
 from routerkit.routers import PaSeRRouter, RandomRouter, SingleModelRouter
 from routerkit.uncertainty import MCDropoutEntropy
 
@@ -65,7 +68,7 @@ def test_accountant_caches_fvcore_counts(zoo: Zoo) -> None:
     assert acc.base_flops == fvcore_flops(zoo[0], SHAPE)
     assert acc.unit_flops == [fvcore_flops(m, UNIT) for m in zoo]
     counts = torch.tensor([[4, 0, 0], [1, 2, 1]])
-    per_input = acc.per_input(3, 100, counts)
+    per_input = acc.per_input(3 * acc.base_flops, 100, counts)
     assert per_input.dtype == torch.float64
     base = 3 * acc.base_flops + 100
     assert per_input.tolist() == [base, base + 2 * acc.unit_flops[1] + acc.unit_flops[2]]
@@ -124,3 +127,24 @@ def test_whole_input_classifier_flops() -> None:
     router = SingleModelRouter(2, index=1, spatial=False)
     out = pipe(torch.randn(2, 4), router)
     assert out.flops.tolist() == [fvcore_flops(zoo[1], (4,))] * 2 == [4 * 32 + 32 * 3] * 2
+
+
+def test_paser_on_a_shared_trunk_classifier_pays_one_trunk_and_n_heads() -> None:
+    torch.manual_seed(3)
+    zoo = Zoo([CifarResNet(8, 4, in_channels=1, width=4, dropout=0.3), CifarResNet(8, 4, in_channels=1, width=8)]).eval()
+    shape = (1, 16, 16)
+    pipe = RoutedPipeline(zoo, WholeInput(), MCDropoutEntropy(num_passes=5), "flops", shape)
+    router = PaSeRRouter(2, in_channels=4 + 1, spatial=False, width=4).eval()
+    out = pipe(torch.randn(3, *shape), router)
+    full = fvcore_flops(zoo[0], shape)
+    head = 16 * 4 * 4 + 16 * 4  # fvcore: pooling of the 16 x 4 x 4 maps + the linear layer
+    policy = fvcore_flops(router.policy, (4 + 1,))
+    for b in range(3):
+        routed = fvcore_flops(zoo[1], shape) if int(out.actions[b, 0]) == 1 else 0
+        assert out.flops[b].item() == full + 4 * head + policy + routed
+    # The replayed table charges the same.
+    split = Split(torch.randn(3, *shape), torch.randint(0, 4, (3,)))
+    table = build_unit_table(pipe, Correctness(4), split, 4)
+    assert table.state_flops == full + 4 * head
+    actions = torch.ones(3, 1, dtype=torch.long)
+    assert routed_flops(pipe, router, table, actions) == pytest.approx(full + 4 * head + policy + fvcore_flops(zoo[1], shape))

@@ -93,7 +93,18 @@ class CifarResNet(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        features = self.pool(self.stages(self.stem(x))).flatten(1)
-        logits: Tensor = self.head(self.dropout(features))
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The deterministic trunk (timm's split): ``[B, 4 width, H / 4, W / 4]`` feature maps."""
+        out: Tensor = self.stages(self.stem(x))
+        return out
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        """Pooling, dropout and the linear classifier: logits ``[B, num_classes]``.
+
+        Monte-Carlo dropout runs the trunk once and only this head ``N`` times.
+        """
+        logits: Tensor = self.head(self.dropout(self.pool(features).flatten(1)))
         return logits
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))

@@ -38,7 +38,8 @@ STAGE_ORDER = ("pretrain_large", "pretrain_base", "policy", "finetune")
 
 
 def _settings(section: Any) -> StageSettings:
-    return StageSettings(section.epochs, section.lr, section.batch_size, section.weight_decay, section.lr_schedule)
+    schedule = getattr(section, "lr_schedule", "constant")  # the cascade fit (one epoch) has none
+    return StageSettings(section.epochs, section.lr, section.batch_size, section.weight_decay, schedule)
 
 
 def policy_stage(

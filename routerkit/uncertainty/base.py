@@ -37,11 +37,12 @@ class BaseOutput:
 class UncertaintyEstimator(ABC):
     """Runs ``f_0`` on a batch and returns its probabilities and an uncertainty map.
 
-    Subclasses implement `_estimate`; `__call__` checks the output. ``num_passes``
-    is how many forwards of ``f_0`` one call runs: the FLOP accountant charges them all.
+    Subclasses implement `_estimate`; `__call__` checks the output. `flops` is what the
+    FLOP accountant charges per input for one call: by default ``num_passes`` full forwards
+    of ``f_0``; an estimator that runs less (a shared trunk) overrides it.
     """
 
-    #: Forwards of f_0 per input (for FLOP accounting).
+    #: Stochastic (or deterministic) passes of f_0 per input.
     num_passes: int = 1
 
     @torch.no_grad()
@@ -56,6 +57,17 @@ class UncertaintyEstimator(ABC):
 
     @abstractmethod
     def _estimate(self, model: nn.Module, x: Tensor) -> BaseOutput: ...
+
+    def flops(self, model: nn.Module, input_shape: tuple[int, ...]) -> int:
+        """FLOPs per input of one call on ``model`` (fvcore convention: one multiply-add = one flop).
+
+        Args:
+            model: The base model ``f_0``.
+            input_shape: Shape of one input (no batch dim).
+        """
+        from routerkit.flops import count_flops
+
+        return self.num_passes * count_flops(model, input_shape)
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments (for run metadata)."""

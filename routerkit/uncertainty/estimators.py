@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,6 +33,22 @@ def _single_pass_probs(model: nn.Module, x: Tensor) -> Tensor:
         _restore(modes)
 
 
+class _Method(nn.Module):
+    """``model.<name>`` as a module, so fvcore can count one part of a model."""
+
+    def __init__(self, model: nn.Module, name: str) -> None:
+        super().__init__()
+        self.model, self.name = model, name
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = getattr(self.model, self.name)(x)
+        return out
+
+
+def _dropouts(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, _DROPOUT_TYPES) and m.p > 0]
+
+
 @ESTIMATORS.register("mc_dropout")
 class MCDropoutEntropy(UncertaintyEstimator):
     """Predictive entropy of the mean of ``num_passes`` MC-dropout samples (Gal & Ghahramani 2016).
@@ -41,24 +58,47 @@ class MCDropoutEntropy(UncertaintyEstimator):
     batch-norm running statistics are used and never updated. The probabilities returned
     are the MC mean; the uncertainty is the entropy of that mean (nats).
 
+    **Shared trunk.** If ``f_0`` follows timm's split, ``model(x) == forward_head(forward_features(x))``,
+    and no dropout layer runs inside ``forward_features`` (checked on every call with hooks),
+    the deterministic trunk runs once and only the head runs ``num_passes`` times. The samples
+    have the same distribution as full passes; the cost is one trunk plus N heads, and that is
+    what `flops` charges. Otherwise every pass is a full forward of ``f_0``.
+
     Args:
         num_passes: Number of stochastic passes N (PaSeR: 20; 5 gives similar entropies).
         max_batch: Optional cap on the stacked batch size (memory); split into chunks beyond it.
+        share_trunk: Use the shared trunk when ``f_0`` allows it (``False``: always N full passes).
     """
 
-    def __init__(self, num_passes: int = 20, max_batch: int | None = None) -> None:
+    def __init__(self, num_passes: int = 20, max_batch: int | None = None, share_trunk: bool = True) -> None:
         if num_passes < 1:
             raise ValueError(f"Expected num_passes >= 1 but got {num_passes}.")
         if max_batch is not None and max_batch < 1:
             raise ValueError(f"Expected max_batch >= 1 or None but got {max_batch}.")
         self.num_passes = num_passes
         self.max_batch = max_batch
+        self.share_trunk = share_trunk
 
     def config(self) -> dict[str, Any]:
-        return {"num_passes": self.num_passes, "max_batch": self.max_batch}
+        return {"num_passes": self.num_passes, "max_batch": self.max_batch, "share_trunk": self.share_trunk}
+
+    def _trunk(self, model: nn.Module, x: Tensor, dropouts: list[nn.Module]) -> Tensor | None:
+        """``forward_features(x)`` if sharing applies and no dropout ran in it, else ``None``."""
+        if not (self.share_trunk and callable(getattr(model, "forward_features", None))):
+            return None
+        if not callable(getattr(model, "forward_head", None)):
+            return None
+        fired: list[nn.Module] = []
+        hooks = [m.register_forward_hook(lambda mod, _i, _o: fired.append(mod)) for m in dropouts]
+        try:
+            features: Tensor = model.forward_features(x)  # type: ignore[operator]
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return None if fired else features
 
     def _estimate(self, model: nn.Module, x: Tensor) -> BaseOutput:
-        dropouts = [m for m in model.modules() if isinstance(m, _DROPOUT_TYPES) and m.p > 0]
+        dropouts = _dropouts(model)
         if not dropouts:
             raise ValueError(
                 "MC-dropout uncertainty needs a base model with dropout (p > 0); the base model has none. "
@@ -70,14 +110,42 @@ class MCDropoutEntropy(UncertaintyEstimator):
             m.train()
         try:
             batch = x.shape[0]
-            stacked = x.unsqueeze(0).expand(self.num_passes, *x.shape).reshape(self.num_passes * batch, *x.shape[1:])
+            features = self._trunk(model, x, dropouts)
+            source = x if features is None else features
+            run: Callable[[Tensor], Tensor] = model if features is None else model.forward_head  # type: ignore[assignment]
+            stacked = source.unsqueeze(0).expand(self.num_passes, *source.shape).reshape(-1, *source.shape[1:])
             chunk = self.max_batch or stacked.shape[0]
-            logits = torch.cat([model(stacked[i : i + chunk]) for i in range(0, stacked.shape[0], chunk)])
+            logits = torch.cat([run(stacked[i : i + chunk]) for i in range(0, stacked.shape[0], chunk)])
             probs = torch.softmax(logits.float(), dim=1)
             mean = probs.reshape(self.num_passes, batch, *probs.shape[1:]).mean(0)
         finally:
             _restore(modes)
         return BaseOutput(mean, entropy(mean, dim=1))
+
+    def flops(self, model: nn.Module, input_shape: tuple[int, ...]) -> int:
+        """One trunk plus ``num_passes`` heads with a shared trunk, else ``num_passes`` full forwards."""
+        from routerkit.flops import count_flops
+
+        try:
+            param = next(model.parameters())
+            device, dtype = param.device, param.dtype
+        except StopIteration:
+            device, dtype = torch.device("cpu"), torch.float32
+        modes = _modes(model)
+        model.eval()
+        dropouts = _dropouts(model)
+        for m in dropouts:
+            m.train()
+        try:
+            with torch.no_grad():
+                features = self._trunk(model, torch.zeros((1, *input_shape), device=device, dtype=dtype), dropouts)
+        finally:
+            _restore(modes)
+        if features is None:
+            return self.num_passes * count_flops(model, input_shape)
+        trunk = count_flops(_Method(model, "forward_features"), input_shape)
+        head = count_flops(_Method(model, "forward_head"), tuple(features.shape[1:]))
+        return trunk + self.num_passes * head
 
 
 @ESTIMATORS.register("softmax_entropy")

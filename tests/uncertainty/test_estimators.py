@@ -152,7 +152,7 @@ def test_mc_dropout_argument_checks() -> None:
         MCDropoutEntropy(num_passes=0)
     with pytest.raises(ValueError, match="max_batch"):
         MCDropoutEntropy(max_batch=0)
-    assert MCDropoutEntropy(num_passes=5, max_batch=2).config() == {"num_passes": 5, "max_batch": 2}
+    assert MCDropoutEntropy(num_passes=5, max_batch=2).config() == {"num_passes": 5, "max_batch": 2, "share_trunk": True}
     assert MCDropoutEntropy(num_passes=5).num_passes == 5
 
 
@@ -248,3 +248,66 @@ def test_estimators_do_not_track_gradients() -> None:
     for est in (MCDropoutEntropy(num_passes=2), SoftmaxEntropy()):
         out = est(model, torch.randn(1, 1, 3, 3, requires_grad=True))
         assert not out.probs.requires_grad and not out.uncertainty.requires_grad
+
+
+class _SplitNet(nn.Module):
+    """timm-style split with the dropout in the head (``trunk_dropout`` puts one in the trunk too)."""
+
+    def __init__(self, trunk_dropout: float = 0.0) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Dropout(trunk_dropout), nn.Conv2d(8, 8, 3, padding=1)
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(8 * 6 * 6, 3))
+        self.trunk_calls: list[int] = []
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        self.trunk_calls.append(x.shape[0])
+        out: Tensor = self.trunk(x)
+        return out
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        out: Tensor = self.head(features)
+        return out
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def test_mc_dropout_shared_trunk_same_samples_one_trunk_pass() -> None:
+    torch.manual_seed(0)
+    net, x = _SplitNet().eval(), torch.randn(4, 1, 6, 6)
+    torch.manual_seed(1)
+    shared = MCDropoutEntropy(num_passes=6)(net, x)
+    assert net.trunk_calls == [4]  # the trunk ran once, on the batch (not on 6 x 4 stacked inputs)
+    net.trunk_calls.clear()
+    torch.manual_seed(1)
+    full = MCDropoutEntropy(num_passes=6, share_trunk=False)(net, x)
+    assert net.trunk_calls == [24]
+    # The head's dropout draws masks of the same shape in the same order: identical samples.
+    assert torch.allclose(shared.probs, full.probs, atol=1e-6)
+    assert torch.allclose(shared.uncertainty, full.uncertainty, atol=1e-6)
+    assert not net.training and not any(m.training for m in net.modules())
+
+
+def test_mc_dropout_trunk_with_dropout_runs_full_passes() -> None:
+    net, x = _SplitNet(trunk_dropout=0.3).eval(), torch.randn(2, 1, 6, 6)
+    MCDropoutEntropy(num_passes=5)(net, x)
+    assert net.trunk_calls == [2, 10]  # the probe saw dropout in the trunk, then 5 full passes ran
+
+
+def test_mc_dropout_flops_charge_one_trunk_and_n_heads() -> None:
+    from routerkit.flops import count_flops
+    from routerkit.models import CifarResNet
+
+    net = CifarResNet(depth=8, num_classes=10, dropout=0.2)
+    full = count_flops(net, (3, 32, 32))
+    head = 64 * 8 * 8 + 64 * 10  # fvcore: average pooling of the 64 x 8 x 8 maps + the linear layer
+    shared = MCDropoutEntropy(num_passes=8).flops(net, (3, 32, 32))
+    assert shared == full + 7 * head
+    assert MCDropoutEntropy(num_passes=8, share_trunk=False).flops(net, (3, 32, 32)) == 8 * full
+    leaky = _SplitNet(trunk_dropout=0.3)
+    assert MCDropoutEntropy(num_passes=4).flops(leaky, (1, 6, 6)) == 4 * count_flops(leaky, (1, 6, 6))
+    x = torch.randn(3, 3, 32, 32)
+    net.eval()
+    assert torch.allclose(net.forward_head(net.forward_features(x)), net(x))
