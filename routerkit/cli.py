@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -18,7 +19,16 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+
+
+def _make_console() -> Console:
+    """The CLI's console. Output that is not a terminal (a log file, a pipe) gets 150 columns, so the
+    result tables are not truncated; ``COLUMNS`` still wins where it is set."""
+    probe = Console()
+    return probe if probe.is_terminal or "COLUMNS" in os.environ else Console(width=150)
+
+
+console = _make_console()
 
 ConfigArg = Annotated[Path, typer.Argument(help="Experiment YAML file, e.g. examples/battery.yaml.", show_default=False)]
 OverridesOpt = Annotated[

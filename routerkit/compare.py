@@ -32,7 +32,7 @@ from torch import Tensor
 from routerkit.config.build import Experiment
 from routerkit.config.schema import CompareConfig
 from routerkit.flops import FLOP_CONVENTION
-from routerkit.metrics import EvalResult, evaluate_router
+from routerkit.metrics import EvalResult, evaluate_router, seeded_rng
 from routerkit.replay import UnitTable, build_unit_table, decide, routed_flops
 from routerkit.rewards import PaSeRReward
 from routerkit.routers import (
@@ -200,7 +200,8 @@ def compare_strategies(
     exp.zoo.eval()
 
     def table_of(part: Any) -> UnitTable:
-        return build_unit_table(pipe, exp.accuracy, part, k, settings.batch_size, data.ignore_index, device)
+        with seeded_rng(cfg.run.seed, device):  # the same MC-dropout states at every compare of the run
+            return build_unit_table(pipe, exp.accuracy, part, k, settings.batch_size, data.ignore_index, device)
 
     console.print("Replaying the frozen zoo on the validation, D_RL and evaluation splits ...")
     val_t, rl_t, test_t = table_of(data.val), table_of(exp.parts["rl"]), table_of(split)
@@ -243,7 +244,9 @@ def compare_strategies(
     for name, kind, router in strategies:
         router.to(device)
         console.print(f"Evaluating {name} ...")
-        result = evaluate_router(pipe, router, split, k, name, cfg.evaluation.batch_size, data.ignore_index, device)
+        result = evaluate_router(
+            pipe, router, split, k, name, cfg.evaluation.batch_size, data.ignore_index, device, seed=cfg.run.seed
+        )
         router.cpu()
         actions = decide(router, test_t)
         r = float(test_t.gather(all_rewards, actions).nanmean())

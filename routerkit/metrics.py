@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -38,6 +40,22 @@ class EvalResult:
         return asdict(self)
 
 
+@contextmanager
+def seeded_rng(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
+    """Run the block with torch's global generators (CPU, and ``device``'s if CUDA) seeded with ``seed``,
+    and restore their previous states afterwards.
+
+    Evaluation draws MC-dropout masks from the global generator; seeding it here makes a split's
+    numbers independent of whatever ran before (training, another strategy), so ``routerkit
+    evaluate`` repeats the table printed at the end of training.
+    """
+    dev = torch.device(device)
+    cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
+
+
 @torch.no_grad()
 def evaluate_router(
     pipeline: RoutedPipeline,
@@ -48,8 +66,12 @@ def evaluate_router(
     batch_size: int = 16,
     ignore_index: int | None = None,
     device: torch.device | str = "cpu",
+    seed: int = 0,
 ) -> EvalResult:
     """Route every input of ``split`` greedily and score the stitched predictions.
+
+    The MC-dropout masks come from torch's global generator seeded with ``seed`` for the call
+    (`seeded_rng`), so the same router on the same split always gets the same numbers.
 
     Args:
         pipeline: The routed pipeline (zoo, partitioner, estimator, costs).
@@ -60,6 +82,7 @@ def evaluate_router(
         batch_size: Inputs per batch.
         ignore_index: Target value to skip.
         device: Where to run.
+        seed: Seed of the global generators during the evaluation.
 
     Returns:
         The strategy's `EvalResult`.
@@ -72,11 +95,13 @@ def evaluate_router(
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     usage = torch.zeros(pipeline.num_actions, dtype=torch.float64)
     flops = 0.0
-    for images, targets in split.batches(batch_size):
-        out = pipeline.route(images.to(device), router, greedy=True, targets=targets.to(device))
-        confusion += confusion_counts(out.pred.cpu().unsqueeze(0), targets.cpu().unsqueeze(0), num_classes, ignore_index)[0]
-        usage += torch.bincount(out.actions.reshape(-1).cpu(), minlength=pipeline.num_actions).double()
-        flops += float(out.flops.sum())
+    with seeded_rng(seed, device):
+        for images, targets in split.batches(batch_size):
+            out = pipeline.route(images.to(device), router, greedy=True, targets=targets.to(device))
+            pred, labels = out.pred.cpu().unsqueeze(0), targets.cpu().unsqueeze(0)
+            confusion += confusion_counts(pred, labels, num_classes, ignore_index)[0]
+            usage += torch.bincount(out.actions.reshape(-1).cpu(), minlength=pipeline.num_actions).double()
+            flops += float(out.flops.sum())
     per_class = iou_from_confusion(confusion)
     mean_iou = float(torch.nanmean(per_class))
     accuracy = float(confusion.diagonal().sum() / confusion.sum().clamp_min(1))

@@ -100,9 +100,7 @@ class UnitTable:
         confusion = self.confusion.gather(2, idx).sum((0, 1, 2))
         return float(torch.nanmean(iou_from_confusion(confusion)))
 
-    def flops(
-        self, actions: Tensor, cascade: bool = False, base_flops: float | None = None, policy_flops: float = 0.0
-    ) -> float:
+    def flops(self, actions: Tensor, cascade: bool = False, base_flops: float | None = None, policy_flops: float = 0.0) -> float:
         """Mean FLOPs per input of ``actions`` (fvcore convention: one multiply-add = one flop).
 
         Args:

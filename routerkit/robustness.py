@@ -182,7 +182,15 @@ def noise_robustness(
             router.to(cfg.run.device)
             out.append(
                 evaluate_router(
-                    pipeline, router, part, data.num_classes, name, cfg.evaluation.batch_size, data.ignore_index, cfg.run.device
+                    pipeline,
+                    router,
+                    part,
+                    data.num_classes,
+                    name,
+                    cfg.evaluation.batch_size,
+                    data.ignore_index,
+                    cfg.run.device,
+                    seed=cfg.run.seed,
                 )
             )
         return out

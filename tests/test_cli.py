@@ -93,10 +93,8 @@ def test_train_then_evaluate_tiny(tmp_path: Path) -> None:
     again = runner.invoke(app, ["evaluate", str(run_dir)])
     assert again.exit_code == 0, again.output
     re_metrics = json.loads((run_dir / "metrics" / "test.json").read_text())
-    for a, b in zip(metrics["results"], re_metrics["results"], strict=True):
-        if a["name"] != "PaSeR":  # PaSeR's MC-dropout state is stochastic; others are exact
-            assert a["mean_iou"] == pytest.approx(b["mean_iou"], abs=1e-6)
-        assert a["gflops"] == pytest.approx(b["gflops"], rel=1e-9)
+    # Evaluation seeds the MC-dropout draws: `evaluate` repeats the table printed by `train` exactly.
+    assert re_metrics == metrics
 
 
 def test_resume_continues_an_interrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -378,6 +378,7 @@ def evaluate_experiment(exp: Experiment, run_dir: Path, console: Console | None 
             cfg.evaluation.batch_size,
             exp.data.ignore_index,
             cfg.run.device,
+            seed=cfg.run.seed,
         )
         for name, router in strategies
     ]

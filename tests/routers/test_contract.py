@@ -312,3 +312,19 @@ def test_random_router_evaluates_identically_twice(tiny_zoo: Zoo, tiny_seg_bundl
     drawn = router.route(BaseOutput(torch.rand(4, 2, 8, 8), torch.rand(4, 8, 8)))
     router.reset()
     assert not torch.equal(drawn, router.route(BaseOutput(torch.rand(4, 2, 8, 8), torch.rand(4, 8, 8))))
+
+
+def test_evaluation_is_seeded_and_leaves_the_global_generator_alone(tiny_zoo: Zoo, tiny_seg_bundle: DataBundle) -> None:
+    from routerkit.metrics import evaluate_router
+
+    router = PaSeRRouter(2, grid_shape=(2, 2), in_channels=3, width=2).eval()
+    pipe = RoutedPipeline(tiny_zoo, PatchGrid(2, 2), "mc_dropout", "param_share", (1, 8, 8))
+    torch.manual_seed(11)
+    first = evaluate_router(pipe, router, tiny_seg_bundle.test, num_classes=2, batch_size=2)
+    after_first = torch.rand(3)
+    torch.manual_seed(11)
+    torch.rand(100)  # whatever ran before must not matter
+    second = evaluate_router(pipe, router, tiny_seg_bundle.test, num_classes=2, batch_size=2)
+    assert first == second
+    torch.manual_seed(11)
+    assert torch.equal(torch.rand(3), after_first)  # the caller's generator state was restored
