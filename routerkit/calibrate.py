@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 from routerkit.config.build import Experiment
 from routerkit.flops import FLOP_CONVENTION
+from routerkit.metrics import seeded_rng
 from routerkit.replay import UnitTable, build_unit_table, decide, routed_flops
 from routerkit.routers import IDKCascade, OptimalStoppingCascade, PaSeRRouter, Router
 
@@ -116,12 +117,14 @@ def calibrate(
         raise ValueError(f"Expected a target > 0 (and <= 1 for a share) but got {target}.")
     cfg, data = exp.config, exp.data
     device = cfg.run.device
-    val_t = build_unit_table(
-        exp.pipeline, exp.accuracy, data.val, data.num_classes, cfg.compare.batch_size, data.ignore_index, device
-    )
-    test_t = build_unit_table(
-        exp.pipeline, exp.accuracy, data.test, data.num_classes, cfg.compare.batch_size, data.ignore_index, device
-    )
+    with seeded_rng(cfg.run.seed, device):  # the same MC-dropout states as compare's tables
+        val_t = build_unit_table(
+            exp.pipeline, exp.accuracy, data.val, data.num_classes, cfg.compare.batch_size, data.ignore_index, device
+        )
+    with seeded_rng(cfg.run.seed, device):
+        test_t = build_unit_table(
+            exp.pipeline, exp.accuracy, data.test, data.num_classes, cfg.compare.batch_size, data.ignore_index, device
+        )
     router = exp.router.cpu().eval()
     name, setter, low, high, _ = _knob(router, val_t)
 
