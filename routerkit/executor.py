@@ -139,12 +139,13 @@ class FlopAccountant:
             self._module_flops[key] = count_flops(module, input_shape)
         return self._module_flops[key]
 
-    def per_input(self, base_flops: float, policy_flops: float, unit_counts: Tensor) -> Tensor:
+    def per_input(self, base_flops: float, policy_flops: float | Tensor, unit_counts: Tensor) -> Tensor:
         """FLOPs of each input.
 
         Args:
             base_flops: FLOPs of ``f_0`` per input for the state (0, one pass, or the estimator's).
-            policy_flops: FLOPs of the router's network per input.
+            policy_flops: FLOPs of the router's networks per input (a number, or ``[B]`` when they
+                depend on the decisions, as a cascade's stop policies do).
             unit_counts: ``[B, m + 1]`` units per input sent to each model (column 0 is free:
                 ``f_0`` already ran on the whole input).
 
@@ -154,4 +155,5 @@ class FlopAccountant:
         per_unit = torch.tensor(self.unit_flops, dtype=torch.float64)
         per_unit[0] = 0.0
         routed = (unit_counts.double().cpu() * per_unit).sum(-1)
-        return routed + float(base_flops + policy_flops)
+        policy = policy_flops.double().cpu() if isinstance(policy_flops, Tensor) else float(policy_flops)
+        return routed + float(base_flops) + policy

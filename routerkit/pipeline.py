@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -186,9 +187,11 @@ class RoutedPipeline:
         the units: the chosen one, or for a cascade every stage up to the chosen one.
         """
         counts = F.one_hot(actions, self.num_actions).sum(1)
+        policy: float | Tensor = self.policy_flops(router, base) if router is not None else 0
         if router is not None and router.is_cascade:
             counts = counts.flip(-1).cumsum(-1).flip(-1)  # a unit that reached f_i paid f_1..f_i
-        policy = self.policy_flops(router, base) if router is not None else 0
+            decisions = torch.tensor([*cast(Any, router).decision_flops(), 0], dtype=torch.float64)
+            policy = policy + (counts.double().cpu() * decisions).sum(-1)  # a stop decision at every stage reached
         return self.accountant.per_input(self.base_flops(router), policy, counts)
 
     def execute(self, x: Tensor, base: BaseOutput, actions: Tensor, router: Router | None = None) -> RoutedOutput:

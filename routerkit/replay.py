@@ -10,6 +10,7 @@ thresholds or an optimal-stopping cascade's alpha takes seconds.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -100,7 +101,14 @@ class UnitTable:
         confusion = self.confusion.gather(2, idx).sum((0, 1, 2))
         return float(torch.nanmean(iou_from_confusion(confusion)))
 
-    def flops(self, actions: Tensor, cascade: bool = False, base_flops: float | None = None, policy_flops: float = 0.0) -> float:
+    def flops(
+        self,
+        actions: Tensor,
+        cascade: bool = False,
+        base_flops: float | None = None,
+        policy_flops: float = 0.0,
+        decision_flops: Sequence[float] | None = None,
+    ) -> float:
         """Mean FLOPs per input of ``actions`` (fvcore convention: one multiply-add = one flop).
 
         Args:
@@ -108,11 +116,16 @@ class UnitTable:
             cascade: Whether a unit that ended at model ``a`` also paid for models ``1..a-1``.
             base_flops: FLOPs of ``f_0`` charged per input (default: the estimator's, ``state_flops``).
             policy_flops: FLOPs of the router's own networks per input.
+            decision_flops: For a cascade, FLOPs per unit of the stop decision after each stage
+                ``0..m-1``, charged for every unit that reached the stage.
         """
         self._check_actions(actions)
         onehot = F.one_hot(actions, self.num_actions).double()
         paid = onehot.flip(-1).cumsum(-1).flip(-1) if cascade else onehot
         routed = (paid * self.unit_flops.double()).sum((1, 2))
+        if cascade and decision_flops is not None:
+            per_stage = torch.tensor([*decision_flops, 0.0], dtype=torch.float64)
+            routed = routed + (paid * per_stage).sum((1, 2))
         base = self.state_flops if base_flops is None else base_flops
         return float(routed.mean()) + base + policy_flops
 
@@ -228,4 +241,7 @@ def routed_flops(pipeline: RoutedPipeline, router: Router, table: UnitTable, act
     policy = 0.0
     if router.flops_module() is not None:
         policy = float(pipeline.policy_flops(router, BaseOutput(table.base.probs[:1], table.base.uncertainty[:1])))
-    return table.flops(actions, cascade=router.is_cascade, base_flops=pipeline.base_flops(router), policy_flops=policy)
+    decisions = router.decision_flops() if isinstance(router, CascadeRouter) else None
+    return table.flops(
+        actions, cascade=router.is_cascade, base_flops=pipeline.base_flops(router), policy_flops=policy, decision_flops=decisions
+    )

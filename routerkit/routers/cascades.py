@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor, nn
 
+from routerkit.flops import count_flops
 from routerkit.functional import entropy
 from routerkit.routers.base import Router, register_router
 from routerkit.uncertainty import BaseOutput
@@ -56,6 +57,14 @@ class CascadeRouter(Router):
             ``[U]`` bool, True = answer with this stage's model.
         """
         raise NotImplementedError
+
+    def decision_flops(self) -> list[int]:
+        """FLOPs per unit of the stop decision after each stage ``0..m-1`` (fvcore convention).
+
+        Charged for every unit that reached the stage. A threshold on the mean uncertainty (IDK)
+        has no multiply-adds; a learned stop policy overrides this with its network's count.
+        """
+        return [0] * (self.num_actions - 1)
 
     def _route(self, state: BaseOutput, greedy: bool, generator: torch.Generator | None) -> Tensor:
         raise RuntimeError(
@@ -248,7 +257,8 @@ class StopPolicy(nn.Module):
 
     def __init__(self, num_classes: int, hidden: int = 16) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(num_classes + 2, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.in_features = num_classes + 2
+        self.net = nn.Sequential(nn.Linear(self.in_features, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
     @staticmethod
     def features(unit_probs: Tensor, unit_uncertainty: Tensor) -> Tensor:
@@ -284,6 +294,7 @@ class OptimalStoppingCascade(CascadeRouter):
             raise ValueError(f"Expected num_classes >= 1 (or in_channels = K + 1 >= 2) but got {num_classes}.")
         self.num_classes = num_classes
         self.policies = nn.ModuleList(StopPolicy(num_classes, hidden) for _ in range(num_actions - 1))
+        self._decision_flops: list[int] | None = None
         #: Added to every stop logit when deciding; set by budget calibration (``routerkit calibrate``).
         self.stop_bias: Tensor
         self.register_buffer("stop_bias", torch.zeros(()))
@@ -297,8 +308,12 @@ class OptimalStoppingCascade(CascadeRouter):
     def stop(self, stage: int, unit_probs: Tensor, unit_uncertainty: Tensor) -> Tensor:
         return self.stop_logits(stage, unit_probs, unit_uncertainty) + self.stop_bias.to(unit_probs.device) > 0
 
-    def flops_module(self) -> nn.Module | None:
-        return None  # a few hundred flops per unit: negligible next to any task model (documented)
+    def decision_flops(self) -> list[int]:
+        """fvcore FLOPs of each stop policy on one unit's ``K + 2`` features (measured once)."""
+        if self._decision_flops is None:
+            policies = [cast(StopPolicy, p) for p in self.policies]
+            self._decision_flops = [count_flops(p.net, (p.in_features,)) for p in policies]
+        return list(self._decision_flops)
 
     def fit(
         self,

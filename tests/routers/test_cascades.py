@@ -7,12 +7,13 @@ import math
 import pytest
 import torch
 from _known import K, KnownModel, known_split
+from fvcore.nn import FlopCountAnalysis
 from torch import Tensor
 
 from routerkit import PatchGrid, RoutedPipeline, WholeInput, Zoo
 from routerkit.data import Split
 from routerkit.models import ToySegmenter
-from routerkit.replay import build_unit_table
+from routerkit.replay import build_unit_table, routed_flops
 from routerkit.rewards import Correctness, PaSeRReward, UnitIoU
 from routerkit.routers import (
     IDKCascade,
@@ -118,7 +119,7 @@ def test_table_decisions_equal_live_cascade_decisions(seg: tuple[RoutedPipeline,
         out = pipe.route(split.images, router)
         replayed = router.decide_table(table)
         assert torch.equal(out.actions, replayed)
-        assert table.flops(replayed, cascade=True, base_flops=table.base_flops) == pytest.approx(float(out.flops.mean()))
+        assert routed_flops(pipe, router, table, replayed) == pytest.approx(float(out.flops.mean()))
         confusion_iou = table.mean_iou(replayed)
         from routerkit.functional import confusion_counts, iou_from_confusion
 
@@ -178,3 +179,19 @@ def test_cascade_argument_errors() -> None:
         OptimalStoppingCascade(3, in_channels=1)
     with pytest.raises(ValueError, match="loss 'ce' or 'acc'"):
         OptimalStoppingCascade(3, in_channels=4).fit(None, 0.1, loss="mse")  # type: ignore[arg-type]
+
+
+def test_stop_policies_are_charged_at_every_stage_a_unit_reached(seg: tuple[RoutedPipeline, Split]) -> None:
+    pipe, split = seg
+    torch.manual_seed(5)
+    stopping = OptimalStoppingCascade(3, grid_shape=(2, 2), in_channels=4, hidden=6).eval()
+    direct = [FlopCountAnalysis(p.net, (torch.zeros(1, 3 + 2),)).total() for p in stopping.policies]
+    assert stopping.decision_flops() == direct == [(3 + 2) * 6 + 6] * 2
+    assert IDKCascade(3, in_channels=4).decision_flops() == [0, 0]
+    out = pipe.route(split.images, stopping)
+    acct = pipe.accountant
+    for b in range(len(split)):
+        expected = float(acct.base_flops)  # softmax_entropy: one pass of f_0
+        for a in out.actions[b].tolist():
+            expected += sum(acct.unit_flops[1 : a + 1]) + sum(direct[: min(a, 1) + 1])
+        assert out.flops[b].item() == pytest.approx(expected)
