@@ -184,7 +184,8 @@ class RoutedPipeline:
         """``[B]`` FLOPs per input of decisions ``actions [B, P]`` made by ``router``.
 
         Counts the passes of ``f_0`` the router needs, its own network, and the models run on
-        the units: the chosen one, or for a cascade every stage up to the chosen one.
+        the units: the chosen one, or for a cascade every stage up to the chosen one plus the
+        stop decision taken after each of those stages.
         """
         counts = F.one_hot(actions, self.num_actions).sum(1)
         policy: float | Tensor = self.policy_flops(router, base) if router is not None else 0
