@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from routerkit.cli import app
+from routerkit.training.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 BATTERY = ROOT / "examples" / "battery.yaml"
@@ -97,36 +99,51 @@ def test_train_then_evaluate_tiny(tmp_path: Path) -> None:
     assert re_metrics == metrics
 
 
-def test_resume_continues_an_interrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("stage_name", "crash_epoch", "latest_stage", "latest_epoch"),
+    [("policy", 1, "policy", 0), ("finetune", 0, "policy", 1)],
+)
+def test_resume_continues_an_interrupted_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage_name: str, crash_epoch: int, latest_stage: str, latest_epoch: int
+) -> None:
     from routerkit.config import load_config
     from routerkit.config.build import add_plugin_path
     from routerkit.training import runner as run_mod
-    from routerkit.training.stages import PolicyTraining
+    from routerkit.training.stages import JointFineTuning, PolicyTraining
 
     add_plugin_path(BATTERY.parent)
     cfg = load_config(BATTERY, TINY)
     run_dir = tmp_path / "run"
-    original = PolicyTraining.run_epoch
+    stage_cls = {"policy": PolicyTraining, "finetune": JointFineTuning}[stage_name]
+    original = stage_cls.run_epoch
 
     def crash(self: PolicyTraining, epoch: int) -> dict[str, float]:
-        if epoch == 1:
+        if epoch == crash_epoch:
             raise KeyboardInterrupt
-        return original(self, epoch)
+        return original(self, epoch)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(PolicyTraining, "run_epoch", crash)
+    monkeypatch.setattr(stage_cls, "run_epoch", crash)
     with pytest.raises(KeyboardInterrupt):
         run_mod.train(cfg, run_dir=run_dir, plugin_dirs=[str(BATTERY.parent)])
     latest = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
-    assert latest["metadata"]["stage"] == "policy" and latest["metadata"]["epoch"] == 0
-    monkeypatch.setattr(PolicyTraining, "run_epoch", original)
+    assert latest["metadata"]["stage"] == latest_stage and latest["metadata"]["epoch"] == latest_epoch
+    monkeypatch.setattr(stage_cls, "run_epoch", original)
     result = runner.invoke(app, ["train", "--resume", str(run_dir)])
     assert result.exit_code == 0, result.output
     assert "Resuming" in result.output
     log = [json.loads(line) for line in (run_dir / "metrics" / "train_log.jsonl").read_text().splitlines()]
     seen = [(e["stage"], e["epoch"]) for e in log]
     assert len(seen) == len(set(seen)), "an epoch ran twice"
-    assert ("policy", 1) in seen and ("finetune", 0) in seen
-    assert (run_dir / "metrics" / "test.json").exists()
+    assert (stage_name, crash_epoch) in seen and ("finetune", 0) in seen
+    # The resumed run ends exactly where an uninterrupted one does: same weights, same table.
+    straight_dir = tmp_path / "straight"
+    run_mod.train(cfg, run_dir=straight_dir, plugin_dirs=[str(BATTERY.parent)])
+    resumed_state, _ = load_checkpoint(run_dir, "final")
+    straight_state, _ = load_checkpoint(straight_dir, "final")
+    for part in ("zoo", "router"):
+        for key, value in straight_state["model"][part].items():
+            assert torch.equal(resumed_state["model"][part][key], value), f"{part}.{key} differs after resume"
+    assert (run_dir / "metrics" / "test.json").read_text() == (straight_dir / "metrics" / "test.json").read_text()
 
 
 def test_bad_data_gives_clear_error(tmp_path: Path) -> None:

@@ -32,6 +32,8 @@ from routerkit.training.stages import (
     PolicyTraining,
     Stage,
     StageSettings,
+    global_rng_state,
+    set_global_rng_state,
 )
 
 STAGE_ORDER = ("pretrain_large", "pretrain_base", "policy", "finetune")
@@ -285,6 +287,8 @@ def train(
             done_stage, done_epoch = done_stage + 1, -1
         elif 0 <= done_stage < len(stages):
             stages[done_stage].load_state_dict(state["stage"])
+        if "rng" in state:  # dropout and MC-dropout draws continue where the interrupted run was
+            set_global_rng_state(state["rng"])
         console.print(f"Resuming from checkpoint {read_latest(path)!r} (stage {meta['stage']}, epoch {meta['epoch']}).")
     else:
         done_stage = 0
@@ -320,7 +324,7 @@ def train(
                 save_checkpoint(
                     path,
                     f"{index}-{stage.name}-e{epoch:04d}",
-                    {"model": _model_state(exp), "stage": stage.state_dict()},
+                    {"model": _model_state(exp), "stage": stage.state_dict(), "rng": global_rng_state()},
                     {"stage": stage.name, "stage_index": index, "epoch": epoch, "stage_complete": complete},
                 )
                 info = "  ".join(f"{k.split('/')[-1]}={v:.4f}" for k, v in list(logs.items())[:3])
@@ -330,7 +334,7 @@ def train(
                 save_checkpoint(
                     path,
                     f"{index}-{stage.name}-skipped",
-                    {"model": _model_state(exp), "stage": stage.state_dict()},
+                    {"model": _model_state(exp), "stage": stage.state_dict(), "rng": global_rng_state()},
                     {"stage": stage.name, "stage_index": index, "epoch": -1, "stage_complete": True},
                 )
     save_checkpoint(

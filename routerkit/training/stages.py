@@ -100,6 +100,25 @@ def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
     raise ValueError(f"Expected lr_schedule in {LR_SCHEDULES} but got {schedule!r}.")
 
 
+def global_rng_state() -> dict[str, Tensor]:
+    """torch's global generator states: the CPU one and, where CUDA is initialised, the current device's.
+
+    Dropout (stage 1, MC-dropout states) draws from them; the runner checkpoints them so that a
+    resumed run continues with the same draws.
+    """
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_global_rng_state(state: dict[str, Tensor]) -> None:
+    """Restore states saved by `global_rng_state`."""
+    torch.set_rng_state(state["cpu"].cpu().to(torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu().to(torch.uint8))
+
+
 class Stage:
     """Base of the resumable stages: named optimisers and modules, epoch loop hooks."""
 
@@ -396,16 +415,42 @@ class PolicyTraining(Stage):
         self.modules["router"] = router
         self.optimizers["router"] = torch.optim.Adam(router.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
         self._cache: tuple[Tensor, Tensor, Tensor] | None = cache
+        #: Global generator states the cache was built from (so a resumed stage rebuilds the same one).
+        self._cache_rng: dict[str, Tensor] | None = None
 
     def num_steps(self) -> int:
         return -(-len(self.data) // self.settings.batch_size)
 
     @torch.no_grad()
     def build_cache(self) -> tuple[Tensor, Tensor, Tensor]:
-        """``(probs [N, K, ...], uncertainty [N, ...], accuracy [N, P, m + 1])`` of D_RL, computed once."""
-        if self._cache is None:
+        """``(probs [N, K, ...], uncertainty [N, ...], accuracy [N, P, m + 1])`` of D_RL, computed once.
+
+        The MC-dropout state draws from the global generators. Their state before the first build
+        is kept in `state_dict`; a stage restored from it rebuilds the identical cache, without
+        disturbing the generators' current state.
+        """
+        if self._cache is not None:
+            return self._cache
+        if self._cache_rng is None:
+            self._cache_rng = global_rng_state()
             self._cache = replay_cache(self.pipeline, self.accuracy, self.data, self.cache_batch)
+        else:
+            with torch.random.fork_rng(devices=[torch.cuda.current_device()] if "cuda" in self._cache_rng else []):
+                set_global_rng_state(self._cache_rng)
+                self._cache = replay_cache(self.pipeline, self.accuracy, self.data, self.cache_batch)
         return self._cache
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self._cache_rng is not None:
+            state["cache_rng"] = self._cache_rng
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if "cache_rng" in state:
+            self._cache_rng = dict(state["cache_rng"])
+            self._cache = None
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
         probs, _, _ = self.build_cache()
