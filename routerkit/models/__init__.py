@@ -55,14 +55,21 @@ def list_models(pattern: str | None = None) -> list[str]:
 
 
 @MODELS.register("unet")
-def _unet(in_channels: int = 1, num_classes: int = 3, base_channels: int = 16, depth: int = 3, dropout: float = 0.0) -> nn.Module:
-    return UNet(in_channels, num_classes, base_channels, depth, dropout)
+def _unet(
+    in_channels: int = 1,
+    num_classes: int = 3,
+    base_channels: int = 16,
+    depth: int = 3,
+    dropout: float = 0.0,
+    dropout_at: str = "both",
+) -> nn.Module:
+    return UNet(in_channels, num_classes, base_channels, depth, dropout, dropout_at)
 
 
 def _paper_unet(size: str) -> Any:
-    def build(in_channels: int = 1, num_classes: int = 3, dropout: float = 0.0) -> nn.Module:
+    def build(in_channels: int = 1, num_classes: int = 3, dropout: float = 0.0, dropout_at: str = "both") -> nn.Module:
         base, depth = PAPER_PRESETS[size]
-        return UNet(in_channels, num_classes, base, depth, dropout)
+        return UNet(in_channels, num_classes, base, depth, dropout, dropout_at)
 
     build.__doc__ = f"The PaSeR paper's {size} UNet (see ``PAPER_PRESETS``)."
     return build

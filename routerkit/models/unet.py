@@ -30,8 +30,10 @@ class UNet(nn.Module):
         num_classes: Output channels (logits).
         base_channels: Width of the first level.
         depth: Number of down-sampling steps.
-        dropout: Dropout2d probability in the bottleneck and before the classifier; used by
-            Monte-Carlo-dropout uncertainty (0 disables it).
+        dropout: Dropout2d probability; used by Monte-Carlo-dropout uncertainty (0 disables it).
+        dropout_at: ``"both"`` (the bottleneck and before the classifier) or ``"head"`` (before
+            the classifier only). With ``"head"`` the rest of the network is deterministic, so
+            MC dropout runs `forward_features` once and only the 1 x 1 classifier N times.
 
     Example:
         >>> import torch
@@ -47,8 +49,11 @@ class UNet(nn.Module):
         base_channels: int = 16,
         depth: int = 3,
         dropout: float = 0.0,
+        dropout_at: str = "both",
     ) -> None:
         super().__init__()
+        if dropout_at not in ("both", "head"):
+            raise ValueError(f"Expected dropout_at 'both' or 'head' but got {dropout_at!r}.")
         if in_channels < 1 or num_classes < 1 or base_channels < 1 or depth < 0:
             raise ValueError(
                 "Expected in_channels, num_classes, base_channels >= 1 and depth >= 0 but got "
@@ -62,14 +67,15 @@ class UNet(nn.Module):
         self.downs = nn.ModuleList(_DoubleConv(widths[i], widths[i + 1]) for i in range(depth))
         self.ups = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(depth)))
         self.up_convs = nn.ModuleList(_DoubleConv(2 * widths[i], widths[i]) for i in reversed(range(depth)))
-        self.bottleneck_dropout = nn.Dropout2d(dropout)
+        self.dropout_at = dropout_at
+        self.bottleneck_dropout = nn.Dropout2d(dropout if dropout_at == "both" else 0.0)
         self.head_dropout = nn.Dropout2d(dropout)
         self.head = nn.Conv2d(widths[0], num_classes, 1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        height, width = x.shape[-2:]
+    def _decode(self, x: Tensor) -> Tensor:
+        """Features before the classifier, on the input zero-padded to a multiple of ``2 ** depth``."""
         multiple = 2**self.depth
-        pad_h, pad_w = (-height) % multiple, (-width) % multiple
+        pad_h, pad_w = (-x.shape[-2]) % multiple, (-x.shape[-1]) % multiple
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
         skips = [self.inc(x)]
@@ -78,8 +84,20 @@ class UNet(nn.Module):
         y = self.bottleneck_dropout(skips.pop())
         for up, conv in zip(self.ups, self.up_convs, strict=True):
             y = conv(torch.cat([skips.pop(), up(y)], dim=1))
-        logits: Tensor = self.head(self.head_dropout(y))
-        return logits[..., :height, :width]
+        return y
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """timm's split: the encoder-decoder up to the classifier, cropped to the input size."""
+        return self._decode(x)[..., : x.shape[-2], : x.shape[-1]]
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        """Dropout and the 1 x 1 classifier: logits of the same height and width as ``features``."""
+        logits: Tensor = self.head(self.head_dropout(features))
+        return logits
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits: Tensor = self.head(self.head_dropout(self._decode(x)))
+        return logits[..., : x.shape[-2], : x.shape[-1]]
 
 
 #: Paper-sized presets: (base_channels, depth) giving about 16.6k, 1.08M and 17.3M parameters

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +46,10 @@ class _Method(nn.Module):
         return out
 
 
+#: Per model: may its MC passes share the trunk? (see `MCDropoutEntropy._shares_trunk`)
+_TRUNK_PROBES: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
 def _dropouts(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, _DROPOUT_TYPES) and m.p > 0]
 
@@ -59,7 +64,7 @@ class MCDropoutEntropy(UncertaintyEstimator):
     are the MC mean; the uncertainty is the entropy of that mean (nats).
 
     **Shared trunk.** If ``f_0`` follows timm's split, ``model(x) == forward_head(forward_features(x))``,
-    and no dropout layer runs inside ``forward_features`` (checked on every call with hooks),
+    and no dropout layer runs inside ``forward_features`` (probed once per model with hooks),
     the deterministic trunk runs once and only the head runs ``num_passes`` times. The samples
     have the same distribution as full passes; the cost is one trunk plus N heads, and that is
     what `flops` charges. Otherwise every pass is a full forward of ``f_0``.
@@ -82,20 +87,32 @@ class MCDropoutEntropy(UncertaintyEstimator):
     def config(self) -> dict[str, Any]:
         return {"num_passes": self.num_passes, "max_batch": self.max_batch, "share_trunk": self.share_trunk}
 
-    def _trunk(self, model: nn.Module, x: Tensor, dropouts: list[nn.Module]) -> Tensor | None:
-        """``forward_features(x)`` if sharing applies and no dropout ran in it, else ``None``."""
-        if not (self.share_trunk and callable(getattr(model, "forward_features", None))):
-            return None
-        if not callable(getattr(model, "forward_head", None)):
-            return None
+    def _shares_trunk(self, model: nn.Module, x: Tensor, dropouts: list[nn.Module]) -> bool:
+        """Whether MC passes may share ``model``'s trunk: a timm-style split with no dropout in the trunk.
+
+        Probed once per model, on one input with every dropout layer in eval mode (so no random
+        number is drawn) and a forward hook on each: if none fires inside ``forward_features``,
+        the trunk is deterministic. The answer is cached.
+        """
+        if not self.share_trunk:
+            return False
+        if not (callable(getattr(model, "forward_features", None)) and callable(getattr(model, "forward_head", None))):
+            return False
+        if model in _TRUNK_PROBES:
+            return _TRUNK_PROBES[model]
         fired: list[nn.Module] = []
+        modes = _modes(model)
         hooks = [m.register_forward_hook(lambda mod, _i, _o: fired.append(mod)) for m in dropouts]
         try:
-            features: Tensor = model.forward_features(x)  # type: ignore[operator]
+            model.eval()  # no dropout draws, no batch-norm statistics updated
+            with torch.no_grad():
+                model.forward_features(x[:1])  # type: ignore[operator]
         finally:
             for hook in hooks:
                 hook.remove()
-        return None if fired else features
+            _restore(modes)
+        _TRUNK_PROBES[model] = not fired
+        return not fired
 
     def _estimate(self, model: nn.Module, x: Tensor) -> BaseOutput:
         dropouts = _dropouts(model)
@@ -110,7 +127,7 @@ class MCDropoutEntropy(UncertaintyEstimator):
             m.train()
         try:
             batch = x.shape[0]
-            features = self._trunk(model, x, dropouts)
+            features = model.forward_features(x) if self._shares_trunk(model, x, dropouts) else None  # type: ignore[operator]
             source = x if features is None else features
             run: Callable[[Tensor], Tensor] = model if features is None else model.forward_head  # type: ignore[assignment]
             stacked = source.unsqueeze(0).expand(self.num_passes, *source.shape).reshape(-1, *source.shape[1:])
@@ -131,18 +148,16 @@ class MCDropoutEntropy(UncertaintyEstimator):
             device, dtype = param.device, param.dtype
         except StopIteration:
             device, dtype = torch.device("cpu"), torch.float32
+        x = torch.zeros((1, *input_shape), device=device, dtype=dtype)
+        if not self._shares_trunk(model, x, _dropouts(model)):
+            return self.num_passes * count_flops(model, input_shape)
         modes = _modes(model)
         model.eval()
-        dropouts = _dropouts(model)
-        for m in dropouts:
-            m.train()
         try:
             with torch.no_grad():
-                features = self._trunk(model, torch.zeros((1, *input_shape), device=device, dtype=dtype), dropouts)
+                features: Tensor = model.forward_features(x)  # type: ignore[operator]
         finally:
             _restore(modes)
-        if features is None:
-            return self.num_passes * count_flops(model, input_shape)
         trunk = count_flops(_Method(model, "forward_features"), input_shape)
         head = count_flops(_Method(model, "forward_head"), tuple(features.shape[1:]))
         return trunk + self.num_passes * head

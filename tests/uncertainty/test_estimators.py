@@ -279,7 +279,12 @@ def test_mc_dropout_shared_trunk_same_samples_one_trunk_pass() -> None:
     net, x = _SplitNet().eval(), torch.randn(4, 1, 6, 6)
     torch.manual_seed(1)
     shared = MCDropoutEntropy(num_passes=6)(net, x)
-    assert net.trunk_calls == [4]  # the trunk ran once, on the batch (not on 6 x 4 stacked inputs)
+    # A one-off probe on one input (no random draws), then the trunk once on the batch, not on 6 x 4 inputs.
+    assert net.trunk_calls == [1, 4]
+    net.trunk_calls.clear()
+    torch.manual_seed(1)
+    again = MCDropoutEntropy(num_passes=6)(net, x)
+    assert net.trunk_calls == [4] and torch.equal(again.probs, shared.probs)  # the probe's answer is cached
     net.trunk_calls.clear()
     torch.manual_seed(1)
     full = MCDropoutEntropy(num_passes=6, share_trunk=False)(net, x)
@@ -292,8 +297,14 @@ def test_mc_dropout_shared_trunk_same_samples_one_trunk_pass() -> None:
 
 def test_mc_dropout_trunk_with_dropout_runs_full_passes() -> None:
     net, x = _SplitNet(trunk_dropout=0.3).eval(), torch.randn(2, 1, 6, 6)
+    state = torch.get_rng_state()
     MCDropoutEntropy(num_passes=5)(net, x)
-    assert net.trunk_calls == [2, 10]  # the probe saw dropout in the trunk, then 5 full passes ran
+    assert net.trunk_calls == [1, 10]  # the probe saw dropout in the trunk, then 5 full passes ran
+    # The probe drew no random numbers: the full passes are those of a model without the split.
+    torch.set_rng_state(state)
+    plain = MCDropoutEntropy(num_passes=5, share_trunk=False)(net, x)
+    torch.set_rng_state(state)
+    assert torch.equal(MCDropoutEntropy(num_passes=5)(net, x).probs, plain.probs)
 
 
 def test_mc_dropout_flops_charge_one_trunk_and_n_heads() -> None:
@@ -311,3 +322,38 @@ def test_mc_dropout_flops_charge_one_trunk_and_n_heads() -> None:
     x = torch.randn(3, 3, 32, 32)
     net.eval()
     assert torch.allclose(net.forward_head(net.forward_features(x)), net(x))
+
+
+class _Features(nn.Module):
+    def __init__(self, net: UNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.net.forward_features(x)
+        return out
+
+
+@pytest.mark.parametrize("dropout_at", ["both", "head"])
+def test_unet_split_and_head_only_dropout(dropout_at: str) -> None:
+    from routerkit.flops import count_flops
+
+    torch.manual_seed(0)
+    net = UNet(1, 3, base_channels=4, depth=2, dropout=0.2, dropout_at=dropout_at).eval()
+    x = torch.randn(3, 1, 14, 16)  # not a multiple of 4: padded inside, cropped back
+    assert torch.allclose(net.forward_head(net.forward_features(x)), net(x), atol=1e-6)
+    torch.manual_seed(2)
+    shared = MCDropoutEntropy(num_passes=4)(net, x)
+    torch.manual_seed(2)
+    full = MCDropoutEntropy(num_passes=4, share_trunk=False)(net, x)
+    assert torch.allclose(shared.probs, full.probs, atol=1e-5)  # same masks, same samples
+    flops = MCDropoutEntropy(num_passes=4).flops(net, (1, 14, 16))
+    if dropout_at == "both":  # dropout in the bottleneck: every pass is a full forward
+        assert flops == 4 * count_flops(net, (1, 14, 16))
+    else:  # one encoder-decoder pass + 4 passes of the 1 x 1 classifier on the 4 x 14 x 16 features
+        trunk = count_flops(_Features(net), (1, 14, 16))
+        head = count_flops(net.head, (4, 14, 16))
+        assert head == 4 * 3 * 14 * 16
+        assert flops == trunk + 4 * head < 2 * count_flops(net, (1, 14, 16))
+    with pytest.raises(ValueError, match="dropout_at"):
+        UNet(dropout_at="decoder")
