@@ -54,16 +54,7 @@ def list_models(pattern: str | None = None) -> list[str]:
     return MODELS.names(pattern)
 
 
-@MODELS.register("unet")
-def _unet(
-    in_channels: int = 1,
-    num_classes: int = 3,
-    base_channels: int = 16,
-    depth: int = 3,
-    dropout: float = 0.0,
-    dropout_at: str = "both",
-) -> nn.Module:
-    return UNet(in_channels, num_classes, base_channels, depth, dropout, dropout_at)
+MODELS.register("unet")(UNet)
 
 
 def _paper_unet(size: str) -> Any:
