@@ -124,7 +124,7 @@ def _load_run_or_fail(run_dir: Path, checkpoint: str | None = None) -> Any:
 
 def _apply_compare_overrides(exp: Any, overrides: list[str] | None) -> None:
     """Apply ``compare.*`` / ``reward.lam``-free overrides to a loaded run's config."""
-    from routerkit.config import ConfigError, apply_overrides, parse_config
+    from routerkit.config import ConfigError, apply_overrides, config_to_dict, parse_config
 
     if not overrides:
         return
@@ -132,7 +132,7 @@ def _apply_compare_overrides(exp: Any, overrides: list[str] | None) -> None:
     if bad:
         _fail(f"on a saved run only compare.* settings can be overridden, got: {', '.join(bad)}")
     try:
-        raw = apply_overrides(exp.config.model_dump(mode="json"), overrides)
+        raw = apply_overrides(config_to_dict(exp.config), overrides)
         exp.config = parse_config(raw, "overrides")
     except ConfigError as err:
         _fail(str(err))

@@ -267,7 +267,10 @@ def compare_strategies(
         "idk_offset_std": match_fit["offset"],
         "paser": {"mean_iou": p_row.result.mean_iou, "gflops": p_row.result.gflops},
         "idk_iou_match": {"mean_iou": m_row.result.mean_iou, "gflops": m_row.result.gflops},
-        "gflops_ratio_idk_over_paser": m_row.result.gflops / p_row.result.gflops if p_row.result.gflops > 0 else float("nan"),
+        # A cost ratio means something only at equal quality: None when the IoU match failed.
+        "gflops_ratio_idk_over_paser": (
+            m_row.result.gflops / p_row.result.gflops if match_fit["matched"] and p_row.result.gflops > 0 else None
+        ),
         "idk_grid_fit": idk_fit,
     }
     report = CompareReport(settings.split, rows, table2, [], list(exp.zoo.names), expert_key)
@@ -417,19 +420,34 @@ def table1_markdown(report: CompareReport) -> str:
 
 
 def table2_markdown(report: CompareReport) -> str:
-    """The paper's Table 2 (IDK in IoU-match mode against PaSeR) as markdown."""
+    """The paper's Table 2 (IDK in IoU-match mode against PaSeR) as markdown.
+
+    The GFLOPs ratio is stated only when the IDK thresholds matched PaSeR's validation IoU; an
+    unmatched comparison says so and gives no ratio (the two points differ in quality too).
+    """
     t = report.table2
+    matched = bool(t["matched_within_1e-3"])
+    ratio = t.get("gflops_ratio_idk_over_paser")
+    if matched and ratio is not None:
+        verdict = f"At matched quality IDK needs {ratio:.2f}x PaSeR's GFLOPs."
+    else:
+        gap = 100 * (t["idk_val_iou"] - t["target_val_iou"])
+        verdict = (
+            f"**Not a match**: no IDK threshold reached PaSeR's validation IoU within 1e-3 (the closest is "
+            f"{abs(gap):.2f} IoU points {'above' if gap > 0 else 'below'} it), so the two rows differ in quality "
+            "as well as in cost and no GFLOPs ratio is given."
+        )
     return "\n".join(
         [
             f"IDK thresholds tuned on the validation split to PaSeR's validation IoU {t['target_val_iou']:.4f} "
-            f"(reached {t['idk_val_iou']:.4f}, matched within 1e-3: {t['matched_within_1e-3']}).",
+            f"(reached {t['idk_val_iou']:.4f}, matched within 1e-3: {matched}).",
             "",
             "| strategy | mean IoU | GFLOPs |",
             "|---|---|---|",
             f"| PaSeR | {t['paser']['mean_iou']:.4f} | {t['paser']['gflops']:.4f} |",
             f"| IDK cascade (IoU match) | {t['idk_iou_match']['mean_iou']:.4f} | {t['idk_iou_match']['gflops']:.4f} |",
             "",
-            f"IDK needs {t['gflops_ratio_idk_over_paser']:.2f}x PaSeR's GFLOPs.",
+            verdict,
             "",
         ]
     )

@@ -9,11 +9,26 @@ from __future__ import annotations
 
 import logging
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
 
 FLOP_CONVENTION = "fvcore convention: one multiply-add = one flop"
+
+
+def _flop_count_analysis() -> Any:
+    """fvcore's ``FlopCountAnalysis``, imported without the warning of fvcore's own package import.
+
+    ``import fvcore.nn`` runs ``fvcore/nn/focal_loss.py``, which calls ``torch.jit.script`` at import
+    time; current torch answers with a ``FutureWarning`` ("`torch.jit.script` is deprecated") that
+    otherwise lands in the middle of every run's progress bars. routerkit never uses that loss, so
+    exactly that warning is ignored, during that import only; every other warning still shows.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
+    return FlopCountAnalysis
 
 
 def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -26,7 +41,7 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     Returns:
         Total FLOPs (fvcore: one multiply-add = one flop).
     """
-    from fvcore.nn import FlopCountAnalysis  # lazy: fvcore imports are slow
+    FlopCountAnalysis = _flop_count_analysis()  # lazy: fvcore imports are slow
 
     try:
         param = next(model.parameters())

@@ -148,3 +148,22 @@ def test_paser_on_a_shared_trunk_classifier_pays_one_trunk_and_n_heads() -> None
     assert table.state_flops == full + 4 * head
     actions = torch.ones(3, 1, dtype=torch.long)
     assert routed_flops(pipe, router, table, actions) == pytest.approx(full + 4 * head + policy + fvcore_flops(zoo[1], shape))
+
+
+def test_fvcore_import_prints_no_jit_script_warning() -> None:
+    """fvcore's import-time torch.jit.script FutureWarning no longer reaches users (fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings; warnings.simplefilter('always')\n"
+        "import torch\n"
+        "from routerkit.flops import count_flops\n"
+        "count_flops(torch.nn.Conv2d(1, 1, 3), (1, 8, 8))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert "jit.script" not in out.stderr, out.stderr
+    # The filter is scoped to that import: other FutureWarnings still show.
+    code2 = code + "warnings.warn('other', FutureWarning)\n"
+    out2 = subprocess.run([sys.executable, "-c", code2], capture_output=True, text=True, timeout=120, check=True)
+    assert "other" in out2.stderr

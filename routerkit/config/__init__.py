@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from routerkit.config.schema import ExperimentConfig
 
-__all__ = ["ConfigError", "ExperimentConfig", "apply_overrides", "load_config", "parse_config"]
+__all__ = ["ConfigError", "ExperimentConfig", "apply_overrides", "config_to_dict", "dump_config", "load_config", "parse_config"]
 
 
 class ConfigError(ValueError):
@@ -46,6 +46,29 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         else:
             raise ConfigError(f"Override {item!r}: cannot set {keys[-1]!r} inside a {type(node).__name__}.")
     return raw
+
+
+def _plain(obj: Any) -> Any:
+    """Tuples to lists, recursively; mapping keys keep their type (an int stays an int)."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The resolved config as plain YAML-able data that `parse_config` reads back to an equal config.
+
+    Unlike ``model_dump(mode="json")``, mapping keys keep their types: a mask ``value_map`` of
+    ``{0: 0, 128: 1}`` in ``data.params`` stays a map of ints, not of strings.
+    """
+    return _plain(cfg.model_dump(mode="python"))  # type: ignore[no-any-return]
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML text (``config.yaml`` of a run directory); loads back to ``cfg``."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:

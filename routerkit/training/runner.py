@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from routerkit.config import ConfigError, ExperimentConfig, parse_config
+from routerkit.config import ConfigError, ExperimentConfig, dump_config, parse_config
 from routerkit.config.build import Experiment, build_experiment
 from routerkit.data import Split
 from routerkit.flops import FLOP_CONVENTION
@@ -232,10 +232,6 @@ def _load_model_state(exp: Experiment, state: dict[str, Any]) -> None:
     exp.router.load_state_dict(state["router"])
 
 
-def _config_dump(cfg: ExperimentConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
 def train(
     cfg: ExperimentConfig,
     resume: str | Path | None = None,
@@ -265,7 +261,7 @@ def train(
     else:
         path = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
         path.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path / "config.yaml", _config_dump(cfg).encode())
+        atomic_write_bytes(path / "config.yaml", dump_config(cfg).encode())
         atomic_write_json(path / "run.json", {"plugin_dirs": list(plugin_dirs or []), "routerkit_version": _version()})
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
