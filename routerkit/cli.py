@@ -31,6 +31,14 @@ def _make_console() -> Console:
 console = _make_console()
 
 ConfigArg = Annotated[Path, typer.Argument(help="Experiment YAML file, e.g. examples/battery.yaml.", show_default=False)]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="Import the plugin code a run directory names (dotted paths in its config.yaml, run.json plugin_dirs) even "
+        "when the run was not created here by `routerkit train` or was changed since. Only for runs you trust: that code runs.",
+    ),
+]
 OverridesOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -70,16 +78,27 @@ def train(
     run_dir: Annotated[
         Path | None, typer.Option(help="Run directory (default: run.output_dir/run.name, suffixed if taken).")
     ] = None,
+    trust_remote_code: TrustOpt = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Start again in a --run-dir that already holds a run (deletes its checkpoints and metrics).")
+    ] = False,
 ) -> None:
     """Train every stage of the experiment (PaSeR's Algorithm 1), then print the test table.
 
     Writes a run directory with the resolved config, atomic safetensors checkpoints after every
-    epoch, a training log and metrics/<split>.json|csv.
+    epoch, a training log and metrics/<split>.json|csv. The run directory is locked while it trains.
     """
     from routerkit.config import ConfigError
     from routerkit.training.runner import train as run_train
 
     if resume is not None:
+        extra = {"CONFIG": config is not None, "-s/--set": bool(overrides), "--run-dir": run_dir is not None}
+        given = [name for name, present in {**extra, "--overwrite": overwrite}.items() if present]
+        if given:
+            _fail(
+                f"--resume continues {resume} with the config saved in it; {', '.join(given)} would be ignored. "
+                "Drop them to resume, or start a new run from the config without --resume."
+            )
         cfg = None  # the run's saved config is used
     elif config is None:
         _fail("give a CONFIG file to train, or --resume RUN_DIR to continue a run.")
@@ -88,7 +107,15 @@ def train(
         cfg = _load(config, overrides)
     plugin_dirs = [str(config.parent.resolve())] if config is not None else []
     try:
-        path, _ = run_train(cfg, resume=resume, console=console, run_dir=run_dir, plugin_dirs=plugin_dirs)  # type: ignore[arg-type]
+        path, _ = run_train(
+            cfg,  # type: ignore[arg-type]
+            resume=resume,
+            console=console,
+            run_dir=run_dir,
+            plugin_dirs=plugin_dirs,
+            trust_remote_code=trust_remote_code,
+            overwrite=overwrite,
+        )
     except (ConfigError, FileNotFoundError) as err:
         _fail(str(err))
         return
@@ -100,11 +127,12 @@ def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by `routerkit train`.", show_default=False)],
     split: Annotated[str | None, typer.Option(help="'val' or 'test' (default: the config's evaluation.split).")] = None,
     checkpoint: Annotated[str | None, typer.Option(help="Checkpoint name, e.g. 'calibrated' (default: the final one).")] = None,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Re-compute the results table of a saved run from its config and final checkpoint."""
     from routerkit.training.runner import evaluate_experiment
 
-    exp = _load_run_or_fail(run_dir, checkpoint)
+    exp = _load_run_or_fail(run_dir, checkpoint, trust_remote_code)
     if split is not None:
         if split not in ("val", "test"):
             _fail(f"--split must be 'val' or 'test', got {split!r}.")
@@ -112,12 +140,12 @@ def evaluate(
     evaluate_experiment(exp, run_dir, console)
 
 
-def _load_run_or_fail(run_dir: Path, checkpoint: str | None = None) -> Any:
+def _load_run_or_fail(run_dir: Path, checkpoint: str | None = None, trust_remote_code: bool = False) -> Any:
     from routerkit.config import ConfigError
     from routerkit.training.runner import load_run
 
     try:
-        return load_run(run_dir, checkpoint)
+        return load_run(run_dir, checkpoint, trust_remote_code=trust_remote_code)
     except (ConfigError, FileNotFoundError) as err:
         _fail(str(err))
 
@@ -145,6 +173,7 @@ def compare(
     ],
     overrides: OverridesOpt = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: RUN_DIR/compare).")] = None,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Compare every strategy on the same trained zoo: PaSeR, IDK cascade, optimal stopping, baselines, oracle.
 
@@ -157,7 +186,7 @@ def compare(
 
     if (config_or_run / "config.yaml").exists():
         run_dir = config_or_run
-        exp = _load_run_or_fail(run_dir)
+        exp = _load_run_or_fail(run_dir, trust_remote_code=trust_remote_code)
         _apply_compare_overrides(exp, overrides)
     elif config_or_run.is_file():
         cfg = _load(config_or_run, overrides)
@@ -166,7 +195,7 @@ def compare(
             run_dir, _ = run_train(cfg, console=console, plugin_dirs=[str(config_or_run.parent.resolve())])
         except (ConfigError, FileNotFoundError) as err:
             _fail(str(err))
-        exp = _load_run_or_fail(run_dir)
+        exp = _load_run_or_fail(run_dir, trust_remote_code=True)  # trained just now from the user's own config
     else:
         _fail(f"{config_or_run} is neither a run directory (with config.yaml) nor a config file.")
     try:
@@ -185,6 +214,7 @@ def calibrate(
     target_gflops: Annotated[float | None, typer.Option(help="Target GFLOPs per input on the validation split.")] = None,
     target_share: Annotated[float | None, typer.Option(help="Target share (0-1) of units sent to models other than f_0.")] = None,
     tolerance: Annotated[float, typer.Option(help="Relative tolerance on the validation split.")] = 0.02,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Adjust the trained router (policy bias / IDK thresholds / stop bias) to hit a compute budget.
 
@@ -197,7 +227,7 @@ def calibrate(
 
     if (target_gflops is None) == (target_share is None):
         _fail("give exactly one of --target-gflops X or --target-share S.")
-    exp = _load_run_or_fail(run_dir)
+    exp = _load_run_or_fail(run_dir, trust_remote_code=trust_remote_code)
     metric, target = ("gflops", target_gflops) if target_gflops is not None else ("share", target_share)
     assert target is not None
     try:
@@ -229,6 +259,7 @@ def robustness(
     init: Annotated[str, typer.Option(help="'scratch' or 'continue' (from the run's large models).")] = "scratch",
     seed: Annotated[int, typer.Option(help="Seed of the noise and the retraining.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: RUN_DIR/robustness).")] = None,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """PaSeR R3: salt-and-pepper test inputs, large models swapped for clean + noisy variants, f_0 and policy unaware.
 
@@ -237,7 +268,7 @@ def robustness(
     """
     from routerkit.robustness import noise_robustness, robustness_markdown, write_robustness
 
-    exp = _load_run_or_fail(run_dir)
+    exp = _load_run_or_fail(run_dir, trust_remote_code=trust_remote_code)
     try:
         report = noise_robustness(exp, amount, epochs, init, seed, console)
     except ValueError as err:
@@ -250,31 +281,13 @@ def robustness(
 
 @app.command()
 def validate(config: ConfigArg, overrides: OverridesOpt = None) -> None:
-    """Check a config file (schema, cross-field rules, registered names) without building anything."""
-    from routerkit.costs import COSTS
-    from routerkit.models import MODELS
-    from routerkit.partitioners import PARTITIONERS
-    from routerkit.rewards import ACCURACY_TERMS, REWARDS
-    from routerkit.routers import ROUTERS
-    from routerkit.uncertainty import ESTIMATORS
+    """Check a config file without training or loading data: schema, cross-field rules, registered names and
+    dotted paths (imported, not called), component params against their signatures, task models built on the
+    meta device, and the device."""
+    from routerkit.config.checks import config_problems
 
     cfg = _load(config, overrides)
-    problems = []
-    checks = [
-        ("partitioner.name", PARTITIONERS, cfg.partitioner.name),
-        ("uncertainty.name", ESTIMATORS, cfg.uncertainty.name),
-        ("cost.name", COSTS, cfg.cost.name),
-        ("reward.name", REWARDS, cfg.reward.name),
-        ("reward.accuracy", ACCURACY_TERMS, cfg.reward.accuracy),
-        ("router.name", ROUTERS, cfg.router.name),
-    ] + [(f"zoo.models.{i}.model", MODELS, m.model) for i, m in enumerate(cfg.zoo.models)]
-    registry: Any
-    for field, registry, name in checks:
-        if name not in registry and ":" not in name:
-            try:
-                registry.get(name)
-            except KeyError as err:
-                problems.append(f"{field}: {err}")
+    problems = config_problems(cfg)
     if problems:
         _fail("\n".join(problems))
     console.print(

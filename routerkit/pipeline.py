@@ -98,14 +98,43 @@ class RoutedPipeline:
             self._costs = self.cost_model.costs(self.zoo, self.unit_shape)
         return self._costs
 
+    def _param_dtype(self) -> torch.dtype:
+        """The floating-point dtype of the zoo's parameters (``torch.float32`` unless converted)."""
+        for param in self.zoo.parameters():
+            if param.is_floating_point():
+                return param.dtype
+        return torch.get_default_dtype()
+
     def check_input(self, x: Tensor, name: str = "images") -> None:
-        """Raise a clear error if ``x`` is not a batch of inputs of the configured shape."""
+        """Raise a clear error if ``x`` is not a non-empty, finite batch of the configured shape and dtype.
+
+        Args:
+            x: ``[B, *input_shape]`` inputs, of the zoo's parameter dtype.
+            name: What ``x`` is called in the message.
+
+        Raises:
+            TypeError: ``x`` is not a tensor.
+            ValueError: Its shape, its dtype or its batch size (0) is wrong, or it holds NaN/inf
+                (which would give NaN probabilities and every unit routed to ``f_0``).
+        """
         if not isinstance(x, Tensor):
             raise TypeError(f"Expected {name} to be a torch.Tensor but got {type(x).__name__}.")
         if tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"Expected {name} of shape [B, {', '.join(map(str, self.input_shape))}] but got {list(x.shape)}.")
-        if not torch.is_floating_point(x):
-            raise ValueError(f"Expected {name} to be floating point but got {x.dtype}.")
+        dtype = self._param_dtype()
+        if x.dtype != dtype:
+            hint = "x.float()" if dtype == torch.float32 else f"x.to({dtype})"
+            raise ValueError(f"Expected {name} of dtype {dtype} (the models' parameters) but got {x.dtype}; call {hint}.")
+        if x.shape[0] == 0:
+            raise ValueError(f"Expected a non-empty batch of {name} but got B = 0 ({list(x.shape)}).")
+        if not bool(torch.isfinite(x).all()):
+            bad = ~torch.isfinite(x)
+            inputs = torch.nonzero(bad.reshape(x.shape[0], -1).any(1)).flatten().tolist()
+            shown = ", ".join(map(str, inputs[:5])) + (", ..." if len(inputs) > 5 else "")
+            raise ValueError(
+                f"Expected finite {name} but got {int(bad.sum())} NaN/inf values in {len(inputs)} of {x.shape[0]} "
+                f"inputs (index {shown}); clean or drop them before routing."
+            )
 
     def base_passes(self, router: Router) -> int:
         """Forwards of ``f_0`` on the whole input that routing with ``router`` costs."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -11,6 +13,14 @@ from routerkit.models import ToySegmenter, Zoo
 # The models under test are tiny: one intra-op thread is faster than several and keeps
 # the suite's runtime stable on busy 2-core machines (OpenMP spin-waiting dominates otherwise).
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _routerkit_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Runs trained by the tests are recorded in a throw-away trust store (``$ROUTERKIT_HOME``), never the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ROUTERKIT_HOME", str(tmp_path_factory.mktemp("routerkit_home")))
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from routerkit.cli import app
-from routerkit.training.checkpoint import load_checkpoint
+from routerkit.training.checkpoint import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 BATTERY = ROOT / "examples" / "battery.yaml"
@@ -254,3 +257,140 @@ def test_robustness_reports_degradation_and_large_model_share(tiny_run: Path) ->
     assert (tiny_run / "checkpoints" / "final.safetensors").read_bytes() == before  # the run's models are untouched
     bad = runner.invoke(app, ["robustness", str(tiny_run), "--init", "nope"])
     assert bad.exit_code == 2 and "init" in bad.output
+
+
+# ---------------------------------------------------------------- corrupted run directories
+
+
+def _cut(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _header_length(path: Path, length: int) -> None:
+    data = path.read_bytes()
+    path.write_bytes(struct.pack("<Q", length) + data[8:])
+
+
+def _garbage_header(path: Path) -> None:
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    path.write_bytes(data[:8] + b"\xff" * length + data[8 + length :])
+
+
+def _edit_final(run_dir: Path, edit: Callable[[dict[str, dict[str, torch.Tensor]]], None]) -> None:
+    state, meta = load_checkpoint(run_dir, "final")
+    edit(state["model"])
+    save_checkpoint(run_dir, "final", state, meta, update_latest=False)
+
+
+def _drop_first_key(model: dict[str, dict[str, torch.Tensor]], prefix: str) -> None:
+    del model["zoo"][next(k for k in model["zoo"] if k.startswith(prefix))]
+
+
+def _all_nan(model: dict[str, dict[str, torch.Tensor]]) -> None:
+    for part in model.values():
+        for key, value in part.items():
+            if value.is_floating_point():
+                part[key] = torch.full_like(value, float("nan"))
+
+
+CKPT = Path("checkpoints")
+# case: (corrupt the run directory, interrupted (no final checkpoint: evaluate reads latest.json), expected in the error)
+RUN_CORRUPTIONS: dict[str, tuple[Callable[[Path], None], bool, list[str]]] = {
+    "safetensors-truncated": (lambda r: _cut(r / CKPT / "final.safetensors"), False, ["final.safetensors", "truncated"]),
+    "safetensors-oversized-header": (
+        lambda r: _header_length(r / CKPT / "final.safetensors", 2**40),
+        False,
+        ["final.safetensors", "header too large"],
+    ),
+    "safetensors-garbage-header": (
+        lambda r: _garbage_header(r / CKPT / "final.safetensors"),
+        False,
+        ["final.safetensors", "expected a safetensors file"],
+    ),
+    "checkpoint-json-truncated": (lambda r: _cut(r / CKPT / "final.json"), False, ["final.json", "expected a JSON object"]),
+    "checkpoint-json-garbage": (
+        lambda r: (r / CKPT / "final.json").write_bytes(b"\x00\xff\xfe garbage"),
+        False,
+        ["final.json", "expected a JSON object"],
+    ),
+    "latest-truncated": (lambda r: _cut(r / CKPT / "latest.json"), True, ["latest.json", 'expected a JSON object {"name"']),
+    "latest-garbage": (
+        lambda r: (r / CKPT / "latest.json").write_bytes(b"\xff\xfe{{"),
+        True,
+        ["latest.json", 'expected a JSON object {"name"'],
+    ),
+    "missing-tensor": (
+        lambda r: _edit_final(r, lambda m: _drop_first_key(m, "members.1.")),
+        False,
+        ["final.safetensors", "zoo model 'f1_medium': missing keys 'members.1."],
+    ),
+    "unexpected-tensor": (
+        lambda r: _edit_final(r, lambda m: m["router"].update({"policy.extra": torch.zeros(3)})),
+        False,
+        ["final.safetensors", "router (PaSeRRouter): unexpected keys 'policy.extra'"],
+    ),
+    "wrong-shape": (
+        lambda r: _edit_final(r, lambda m: m["router"].update({"policy.head.weight": torch.zeros(4, 24, 1, 1)})),
+        False,
+        ["final.safetensors", "expected 'policy.head.weight' of shape [3, 24, 1, 1] but got [4, 24, 1, 1]"],
+    ),
+    "all-nan-weights": (
+        lambda r: _edit_final(r, _all_nan),
+        False,
+        ["final.safetensors", "expected finite weights but got NaN or inf", "zoo model 'f0_small' 'members.0."],
+    ),
+    "config-invalid-yaml": (
+        lambda r: (r / "config.yaml").write_text("run: {name: [unclosed\n"),
+        False,
+        ["config.yaml", "is corrupted", "unreadable"],
+    ),
+    "config-not-a-mapping": (
+        lambda r: (r / "config.yaml").write_text("- run\n- data\n"),
+        False,
+        ["config.yaml", "expected a mapping of config sections but got a YAML list"],
+    ),
+    "config-empty": (lambda r: (r / "config.yaml").write_text(""), False, ["config.yaml", "but got an empty file"]),
+    "config-not-utf8": (lambda r: (r / "config.yaml").write_bytes(b"\xff\xfe\x00r"), False, ["config.yaml", "unreadable"]),
+}
+
+
+@pytest.fixture
+def copy_of_tiny_run(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of the tiny run to corrupt; loading it is about its files, not about trusting its plugin code."""
+    from routerkit.training import runner as run_mod
+
+    monkeypatch.setattr(run_mod, "check_run_trust", lambda *args, **kwargs: None, raising=False)
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    return run_dir
+
+
+@pytest.mark.parametrize("command", ["evaluate", "resume"])
+@pytest.mark.parametrize("case", list(RUN_CORRUPTIONS))
+def test_corrupted_run_directory_gives_an_error_naming_the_file(copy_of_tiny_run: Path, case: str, command: str) -> None:
+    corrupt, interrupted, expected = RUN_CORRUPTIONS[case]
+    if interrupted:  # killed before the final checkpoint: both commands continue from latest.json
+        for suffix in (".json", ".safetensors"):
+            (copy_of_tiny_run / CKPT / f"final{suffix}").unlink()
+    corrupt(copy_of_tiny_run)
+    args = ["evaluate", str(copy_of_tiny_run)] if command == "evaluate" else ["train", "--resume", str(copy_of_tiny_run)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert isinstance(result.exception, SystemExit)  # not an uncaught exception (a traceback outside the runner)
+    assert "error:" in result.output and "Traceback" not in result.output
+    for text in expected:
+        assert text in result.output, result.output
+
+
+def test_resume_removes_temp_files_of_a_killed_checkpoint_write(copy_of_tiny_run: Path) -> None:
+    folder = copy_of_tiny_run / CKPT
+    stale = [".final.safetensors.x8_k2mq1.tmp", ".latest.json.0a1b2c3d.tmp"]
+    kept = ["notes.tmp", ".final.safetensors.tmp", "keep.json.0a1b2c3d.tmp"]
+    for name in stale + kept:
+        (folder / name).write_bytes(b"half a checkpoint")
+    result = runner.invoke(app, ["train", "--resume", str(copy_of_tiny_run)])
+    assert result.exit_code == 0, result.output
+    left = {p.name for p in folder.iterdir()}
+    assert not left & set(stale) and set(kept) <= left

@@ -7,7 +7,10 @@ are drawn from it) and of the official test set, as ``uint8 [N, 3, 32, 32]`` ten
 
 from __future__ import annotations
 
+import builtins
+import codecs
 import hashlib
+import importlib
 import io
 import os
 import pickle
@@ -19,6 +22,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -241,11 +245,62 @@ def load_lossless(root: str | Path) -> tuple[Pool, Pool]:
 # ---------------------------------------------------------------- python pickles (official layout)
 
 
+_SAFE_BUILTINS = frozenset(
+    {"bool", "bytearray", "bytes", "complex", "dict", "float", "frozenset", "int", "list", "set", "str", "tuple"}
+)
+_NUMPY_INTERNALS = frozenset({("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer")})
+
+
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
+    """A batch file references something other than the data a CIFAR-10 batch holds; nothing was run."""
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles a CIFAR-10 batch file, refusing every global but numpy array reconstruction and plain containers.
+
+    A pickle can name any importable callable (``os.system``) and have the unpickler call it, so a batch file
+    from anywhere but the official archive could run code. The official files (Python 2 cPickle, protocol 2)
+    and numpy arrays pickled with any protocol hold only: ``numpy.core.multiarray._reconstruct`` (or
+    ``numpy._core``, numpy 2), ``numpy.ndarray``, ``numpy.dtype``, ``multiarray.scalar``, ``numeric._frombuffer``
+    (protocol 5), ``_codecs.encode`` (bytes under protocol 2) and builtin containers.
+    """
+
+    def __init__(self, handle: BinaryIO, path: Path) -> None:
+        super().__init__(handle, encoding="bytes")  # the official files were written by Python 2
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in ("builtins", "__builtin__") and name in _SAFE_BUILTINS:
+            return getattr(builtins, name)
+        if (module, name) == ("numpy", "ndarray"):
+            return np.ndarray
+        if (module, name) == ("numpy", "dtype"):
+            return np.dtype
+        if (module, name) == ("_codecs", "encode"):
+            return codecs.encode
+        package, _, submodule = module.rpartition(".")
+        if package in ("numpy.core", "numpy._core") and (submodule, name) in _NUMPY_INTERNALS:
+            try:  # numpy 2 keeps them in numpy._core; its numpy.core shims warn
+                found = importlib.import_module(f"numpy._core.{submodule}")
+            except ImportError:  # numpy 1
+                found = importlib.import_module(f"numpy.core.{submodule}")
+            return getattr(found, name)
+        raise UnsafePickleError(
+            f"Refusing to unpickle {self.path}: it references {module}.{name}, which a CIFAR-10 batch file never holds "
+            "(only numpy arrays, numbers, bytes and plain containers are allowed); use the official cifar-10-batches-py files."
+        )
+
+
 def _read_batch(path: Path) -> tuple[Tensor, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"Expected the CIFAR-10 batch file {path} but it is missing.")
     with path.open("rb") as handle:
-        batch = pickle.load(handle, encoding="bytes")  # the official format is a pickle
+        try:
+            batch = _BatchUnpickler(handle, path).load()  # the official format is a pickle: restricted to data
+        except UnsafePickleError:
+            raise
+        except (pickle.UnpicklingError, EOFError) as err:
+            raise ValueError(f"Could not unpickle the CIFAR-10 batch file {path}: {err}") from None
     if not isinstance(batch, dict):
         raise ValueError(f"Expected a pickled dict in {path} but got {type(batch).__name__}.")
     data = batch.get(b"data", batch.get("data"))

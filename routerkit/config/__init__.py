@@ -36,7 +36,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(node, dict):
                 raise ConfigError(f"Override {item!r}: {key!r} is not a section.")
             node = node.setdefault(key, {})
-        value = yaml.safe_load(text) if text.strip() else None
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(
+                f"Override {item!r}: expected a YAML value after '=' but got {text!r} ({getattr(err, 'problem', None) or err})."
+            ) from None
         if isinstance(node, list) and keys[-1].isdigit():
             if int(keys[-1]) >= len(node):
                 raise ConfigError(f"Override {item!r}: index {keys[-1]} is out of range (the list has {len(node)} items).")
@@ -71,14 +76,35 @@ def dump_config(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
 
 
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _expected(msg: str) -> str:
+    """Pydantic's ``Input should be X`` as ``Expected X`` (``Expected a value less than 10``)."""
+    if not msg.startswith("Input should be "):
+        return msg + ","
+    rest = msg.removeprefix("Input should be ")
+    return "Expected " + ("a value " if rest.startswith(("less", "greater", "a multiple")) else "") + rest
+
+
 def format_validation_error(err: ValidationError, source: str) -> str:
-    """One line per problem: ``field.path: message``."""
+    """One line per problem: ``field.path: message`` (cross-field rules name their field, see `schema.field_error`)."""
     lines = [f"Invalid config {source}:"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "config_field":
+            loc = str(e.get("ctx", {}).get("field", loc))
+        elif e["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; `routerkit validate --help` lists the sections)"
+        elif e["type"] != "missing" and "but got" not in msg and not isinstance(e.get("input"), (dict, list)):
+            msg = f"{_expected(msg)} but got {_short_repr(e.get('input'))}"
         lines.append(f"  - {loc}: {msg}")
     return "\n".join(lines)
 
@@ -104,7 +130,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     if not path.is_file():
         raise ConfigError(f"Config file {path} does not exist.")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"Config file {path}: expected UTF-8 text but got {_one_line(err)}.") from None
+    except OSError as err:
+        raise ConfigError(f"Config file {path} cannot be read: {err}.") from None
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"Config file {path} is not valid YAML: {err}") from None
     return parse_config(apply_overrides(raw, overrides or []), str(path))

@@ -10,8 +10,15 @@ from typing import Any
 
 import torch
 
-from routerkit._registry import import_object
 from routerkit.config import ConfigError
+from routerkit.config.checks import (
+    MODEL_DATA_ARGUMENTS,
+    check_config,
+    check_device,
+    check_meta_keys,
+    check_zoo_outputs,
+    resolve_component,
+)
 from routerkit.config.schema import ExperimentConfig
 from routerkit.data import DataBundle, Split, paser_split
 from routerkit.models import MODELS, Zoo, create_model
@@ -48,10 +55,7 @@ def add_plugin_path(folder: str | Path) -> None:
 
 def build_data(cfg: ExperimentConfig) -> DataBundle:
     """Call the data plugin's factory and check what it returns."""
-    try:
-        factory = import_object(cfg.data.factory)
-    except ImportError as err:
-        raise ConfigError(f"data.factory: {err}") from None
+    factory = resolve_component("data.factory", cfg.data.factory)
     try:
         bundle = factory(**cfg.data.params)
     except (ValueError, TypeError, FileNotFoundError, NotADirectoryError) as err:
@@ -78,41 +82,51 @@ def build_zoo(cfg: ExperimentConfig, in_channels: int, num_classes: int) -> Zoo:
 
     ``in_channels`` and ``num_classes`` come from the data and are passed to every model whose
     factory takes an argument of that name and whose YAML does not set it (built-in or plugin).
+    `build_experiment` then runs each model once on one zero unit (`check_zoo_outputs`).
     """
     models = {}
     for i, m in enumerate(cfg.zoo.models):
         params: dict[str, Any] = dict(m.params)
         try:
             accepted = _named_parameters(MODELS.get(m.model))
-            for key, value in (("in_channels", in_channels), ("num_classes", num_classes)):
+            for key, value in zip(MODEL_DATA_ARGUMENTS, (in_channels, num_classes), strict=True):
                 if key in accepted:
                     params.setdefault(key, value)
             models[m.name] = create_model(m.model, **params)
-        except (KeyError, TypeError, ValueError) as err:
+        except (ImportError, AttributeError, KeyError, TypeError, ValueError, OSError) as err:
             raise ConfigError(f"zoo.models.{i} ({m.name!r}): {err}") from None
     return Zoo(models)
 
 
 def build_experiment(cfg: ExperimentConfig, data: DataBundle | None = None) -> Experiment:
-    """Build data, zoo, pipeline, router, reward and accuracy term from ``cfg``."""
+    """Build data, zoo, pipeline, router, reward and accuracy term from ``cfg``.
+
+    Checks first what shows without data (`check_config`: names, dotted paths, params, device),
+    then that every task model returns logits of the data's shape (`check_zoo_outputs`) and that
+    the meta keys the config names exist (`check_meta_keys`).
+
+    Raises:
+        ConfigError: On any configuration problem, naming the field.
+    """
+    check_config(cfg, data_factory=data is None, build_models=False, device=False)
+    device = check_device(cfg.run.device)
     torch.manual_seed(cfg.run.seed)
     data = data if data is not None else build_data(cfg)
-    try:
-        device = torch.device(cfg.run.device)
-    except RuntimeError as err:
-        raise ConfigError(f"run.device: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"run.device is {cfg.run.device!r} but no CUDA device is available here; use run.device=cpu.")
     if device.type != "cpu":
         data = DataBundle(data.train.to(device), data.val.to(device), data.test.to(device), data.class_names, data.ignore_index)
-    parts = paser_split(data.train, cfg.data.split_fractions, seed=cfg.run.seed)
+    try:
+        parts = paser_split(data.train, cfg.data.split_fractions, seed=cfg.run.seed)
+    except ValueError as err:
+        raise ConfigError(f"data ({cfg.data.factory} with data.params, data.split_fractions): {err}") from None
+    check_meta_keys(cfg, data, parts)
     input_shape = data.input_shape
     try:
         partitioner = create_partitioner(cfg.partitioner.name, **cfg.partitioner.params)
         partitioner.unit_shape(input_shape)
-    except (KeyError, TypeError, ValueError) as err:
+    except (ImportError, KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"partitioner: {err}") from None
     zoo = build_zoo(cfg, in_channels=input_shape[0], num_classes=data.num_classes)
+    check_zoo_outputs(cfg, zoo, partitioner, input_shape, data)
     try:
         pipeline = RoutedPipeline(
             zoo,
@@ -121,7 +135,7 @@ def build_experiment(cfg: ExperimentConfig, data: DataBundle | None = None) -> E
             _component("cost", cfg.cost.name, cfg.cost.params, "cost"),
             input_shape,
         )
-    except (KeyError, TypeError, ValueError) as err:
+    except (ImportError, KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"uncertainty/cost: {err}") from None
     spatial = len(input_shape) == 3 and data.train.targets.dim() == 3
     try:
@@ -135,7 +149,7 @@ def build_experiment(cfg: ExperimentConfig, data: DataBundle | None = None) -> E
         )
         reward = create_reward(cfg.reward.name, lam=cfg.reward.lam)
         accuracy = create_accuracy(cfg.reward.accuracy, num_classes=data.num_classes, ignore_index=data.ignore_index)
-    except (KeyError, TypeError, ValueError) as err:
+    except (ImportError, KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"router/reward: {err}") from None
     zoo.to(device)
     router.to(device)
@@ -149,5 +163,5 @@ def _component(section: str, name: str, params: dict[str, Any], kind: str) -> An
     factory = create_estimator if kind == "estimator" else create_cost
     try:
         return factory(name, **params)
-    except (KeyError, TypeError, ValueError) as err:
+    except (ImportError, KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"{section}: {err}") from None

@@ -2,13 +2,42 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+#: Upper bound of every learning rate (Adam / SGD step sizes beyond it diverge).
+MAX_LR = 10.0
+#: Seeds are torch generator seeds: ``0 <= seed < 2**63``.
+MAX_SEED = 2**63
+#: Devices a run can train on: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+TRAINING_DEVICE = re.compile(r"cpu|mps|cuda(:\d+)?")
+#: Model families whose ``dropout`` parameter is a probability (the mc_dropout check on f_0).
+_DROPOUT_MODELS = ("unet", "toy", "cifar_resnet")
+
+
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"Expected a number but got the boolean {value}")
+    return value
+
+
+#: An integer field: strict, so ``true``, ``3.0`` or ``"3"`` are refused rather than read as 1 or 3.
+Int = Annotated[int, Strict()]
+#: A float field: ints are read as floats, booleans are refused (non-finite values too, see `_Section`).
+Float = Annotated[float, BeforeValidator(_not_bool)]
+
+
+def field_error(field: str, message: str) -> PydanticCustomError:
+    """A cross-field validation error reported under ``field`` (a dotted path) by `format_validation_error`."""
+    return PydanticCustomError("config_field", message, {"field": field})
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class RunConfig(_Section):
@@ -16,12 +45,43 @@ class RunConfig(_Section):
 
     name: str = Field("run", description="Run name; the run directory is output_dir/name.")
     output_dir: str = Field("runs", description="Parent folder of run directories (relative to the working directory).")
-    seed: int = 0
-    device: str = Field("cpu", description="torch device, e.g. 'cpu' or 'cuda'.")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default).")
-    checkpoint_every: int = Field(
+    seed: Int = Field(0, ge=0, lt=MAX_SEED, description="Seed of torch's generators (0 <= seed < 2**63).")
+    device: str = Field("cpu", description="torch device that trains: 'cpu', 'cuda', 'cuda:N' or 'mps'.")
+    threads: Int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default).")
+    checkpoint_every: Int = Field(
         1, ge=1, description="Checkpoint every N epochs (the end of every stage is always saved); large zoos: raise it."
     )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not TRAINING_DEVICE.fullmatch(v):
+            raise ValueError(f"Expected a device that can train ('cpu', 'cuda', 'cuda:N' or 'mps') but got {v!r}")
+        return v
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir(cls, v: str) -> str:
+        _check_folder(Path(v))
+        return v
+
+    @model_validator(mode="after")
+    def _run_dir(self) -> RunConfig:
+        path = Path(self.output_dir) / self.name
+        if path.is_file():
+            raise field_error("run.name", f"Expected run.output_dir/run.name to be a run folder but {path} is an existing file.")
+        return self
+
+
+def _check_folder(path: Path) -> None:
+    """Raise unless the nearest existing path of ``path`` (itself or a parent) is a directory."""
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                raise ValueError(
+                    f"Expected a folder (existing or to create) but got {str(path)!r}, and {existing} is an existing file"
+                )
+            return
 
 
 class DataConfig(_Section):
@@ -29,7 +89,7 @@ class DataConfig(_Section):
 
     factory: str = Field(..., description="Dotted path 'package.module:function' returning a DataBundle.")
     params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the factory.")
-    split_fractions: tuple[float, float, float] = Field(
+    split_fractions: tuple[Float, Float, Float] = Field(
         (1 / 3, 1 / 3, 1 / 3), description="Shares of the training split for D_PT, D_RL and D_FT."
     )
 
@@ -54,7 +114,7 @@ class ModelConfig(_Section):
     name: str = Field(..., description="Name used in tables and checkpoints.")
     model: str = Field(..., description="Registered model name ('unet', 'unet_paper_large', 'smp', ...) or dotted path.")
     params: dict[str, Any] = Field(default_factory=dict)
-    train_on: dict[str, int] | None = Field(
+    train_on: dict[str, Int] | None = Field(
         None,
         description="Pre-train this model only on inputs whose per-input data meta[key] equals value, e.g. {noise: 1} "
         "(a zoo of specialists, PaSeR's noisy MNIST); None: all of D_PT.",
@@ -104,43 +164,55 @@ class RewardConfig(_Section):
     """PaSeR's reward ``(1 - lam) * (A(f_a) - A(f_0)) - lam * C(f_a)``."""
 
     name: str = "paser"
-    lam: float = Field(0.5, ge=0.0, le=1.0, description="Trade-off lambda between accuracy gain and cost.")
+    lam: Float = Field(0.5, ge=0.0, le=1.0, description="Trade-off lambda between accuracy gain and cost.")
     accuracy: str = Field("iou", description="Per-unit accuracy term: 'iou', 'correct' or 'neg_ce'.")
 
 
 class OptimConfig(_Section):
     """Settings shared by the stages."""
 
-    epochs: int = Field(1, ge=0)
-    lr: float = Field(1e-4, gt=0)
-    batch_size: int = Field(32, ge=1)
-    weight_decay: float = Field(0.0, ge=0)
+    epochs: Int = Field(1, ge=0)
+    lr: Float = Field(1e-4, gt=0, le=MAX_LR)
+    batch_size: Int = Field(32, ge=1)
+    weight_decay: Float = Field(0.0, ge=0)
     lr_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="'cosine' anneals the learning rate to 0 over the stage's epochs."
     )
 
 
-class PretrainLargeConfig(OptimConfig):
+class _PretrainChecksConfig(OptimConfig):
+    """What a pre-training stage does after every epoch (validation split, batch-norm statistics)."""
+
+    precise_bn: bool = Field(
+        True,
+        description="Recompute each model's exact batch-norm statistics on its training data after every epoch "
+        "(the running averages of a short training leave models far worse in eval mode).",
+    )
+    bn_batches: Int | None = Field(None, ge=1, description="Training batches used for those statistics (None: all).")
+    keep_best: bool = Field(True, description="Each model ends the stage with the weights of its best validation epoch.")
+
+
+class PretrainLargeConfig(_PretrainChecksConfig):
     """Stage 1a: large models on units of D_PT."""
 
     augment: bool = True
 
 
-class PretrainBaseConfig(OptimConfig):
+class PretrainBaseConfig(_PretrainChecksConfig):
     """Stage 1b: f_0 on whole inputs with distillation."""
 
-    beta: float = Field(0.01, ge=0, description="Weight of the MSE distillation to the largest model's logits.")
+    beta: Float = Field(0.01, ge=0, description="Weight of the MSE distillation to the largest model's logits.")
     augment: bool = True
 
 
 class PolicyConfig(OptimConfig):
     """Stage 2: REINFORCE on D_RL with replayed outputs."""
 
-    alpha_start: float = Field(0.7, ge=0, le=1)
-    alpha_end: float = Field(0.95, ge=0, le=1)
+    alpha_start: Float = Field(0.7, ge=0, le=1)
+    alpha_end: Float = Field(0.95, ge=0, le=1)
     baseline: Literal["none", "mean", "expected"] = "expected"
     credit: Literal["unit", "input"] = "unit"
-    entropy_coef: float = Field(0.0, ge=0)
+    entropy_coef: Float = Field(0.0, ge=0)
     importance_weighting: bool = Field(True, description="Correct explore/exploit sampling with pi(a) / mu(a).")
     estimator: Literal["reinforce", "all_actions"] = Field(
         "reinforce", description="Sampled REINFORCE, or the exact expected-reward gradient over all replayed actions."
@@ -150,30 +222,31 @@ class PolicyConfig(OptimConfig):
 class FinetuneConfig(OptimConfig):
     """Stage 3: joint fine-tuning of the large models and the policy on D_FT."""
 
-    alpha_start: float = Field(0.95, ge=0, le=1)
-    alpha_end: float = Field(1.0, ge=0, le=1)
+    alpha_start: Float = Field(0.95, ge=0, le=1)
+    alpha_end: Float = Field(1.0, ge=0, le=1)
     baseline: Literal["none", "mean"] = "mean"
     credit: Literal["unit", "input"] = "unit"
-    entropy_coef: float = Field(0.0, ge=0)
-    large_lr: float | None = Field(None, gt=0, description="Learning rate of the large models (default: lr).")
+    entropy_coef: Float = Field(0.0, ge=0)
+    large_lr: Float | None = Field(None, gt=0, le=MAX_LR, description="Learning rate of the large models (default: lr).")
     large_on: Literal["routed", "all"] = "routed"
     freeze_bn: bool = Field(True, description="Keep the large models' batch-norm statistics fixed while fine-tuning.")
     importance_weighting: bool = Field(True, description="Correct explore/exploit sampling with pi(a) / mu(a).")
-    tvd_threshold: float | None = Field(
+    tvd_threshold: Float | None = Field(
         None,
         ge=0,
         le=1,
         description="Policy-only fine-tuning (PaSeR noisy MNIST): lambda rises linearly from reward.lam to lam_end and "
         "fine-tuning stops before the policy's total-variation distance from the stage's starting policy exceeds this.",
     )
-    lam_end: float | None = Field(None, ge=0, le=1, description="Final lambda of the linear schedule (with tvd_threshold).")
+    lam_end: Float | None = Field(None, ge=0, le=1, description="Final lambda of the linear schedule (with tvd_threshold).")
 
     @model_validator(mode="after")
     def _tvd(self) -> FinetuneConfig:
         if (self.tvd_threshold is None) != (self.lam_end is None):
-            raise ValueError(
+            raise field_error(
+                "training.finetune.lam_end",
                 "training.finetune.tvd_threshold and training.finetune.lam_end go together: set both (policy-only "
-                "fine-tuning with a lambda schedule stopped at a TVD threshold) or neither (joint fine-tuning)."
+                "fine-tuning with a lambda schedule stopped at a TVD threshold) or neither (joint fine-tuning).",
             )
         return self
 
@@ -181,16 +254,16 @@ class FinetuneConfig(OptimConfig):
 class CascadeFitConfig(_Section):
     """Fitting of a cascade router (``router.name`` ``idk`` or ``optimal_stopping``) on the frozen zoo."""
 
-    epochs: int = Field(1, ge=0, le=1, description="1 fits the cascade, 0 skips the fit.")
-    lr: float = Field(1e-2, gt=0, description="Learning rate of the optimal-stopping policies.")
-    batch_size: int = Field(16, ge=1, description="Inputs per batch when replaying the zoo's outputs.")
-    weight_decay: float = Field(0.0, ge=0)
+    epochs: Int = Field(1, ge=0, le=1, description="1 fits the cascade, 0 skips the fit.")
+    lr: Float = Field(1e-2, gt=0, le=MAX_LR, description="Learning rate of the optimal-stopping policies.")
+    batch_size: Int = Field(16, ge=1, description="Inputs per batch when replaying the zoo's outputs.")
+    weight_decay: Float = Field(0.0, ge=0)
     method: Literal["grid", "iou_match"] = Field("grid", description="IDK: grid search on CE + lam * C, or IoU match.")
-    lam: float = Field(0.1, ge=0, description="IDK: lambda_IDK of the loss CE + lambda_IDK * C (PaSeR Eq. 5).")
-    iou_target: float | None = Field(None, ge=0, le=1, description="IDK iou_match: validation IoU to match within 1e-3.")
-    grid_steps: int = Field(21, ge=2, description="IDK: grid points per stage between mean -/+ 1 std.")
-    alpha: float = Field(0.1, ge=0, description="Optimal stopping: cost weight of the reward -loss - alpha * cost.")
-    policy_epochs: int = Field(60, ge=1, description="Optimal stopping: REINFORCE epochs over the replayed units.")
+    lam: Float = Field(0.1, ge=0, description="IDK: lambda_IDK of the loss CE + lambda_IDK * C (PaSeR Eq. 5).")
+    iou_target: Float | None = Field(None, ge=0, le=1, description="IDK iou_match: validation IoU to match within 1e-3.")
+    grid_steps: Int = Field(21, ge=2, description="IDK: grid points per stage between mean -/+ 1 std.")
+    alpha: Float = Field(0.1, ge=0, description="Optimal stopping: cost weight of the reward -loss - alpha * cost.")
+    policy_epochs: Int = Field(60, ge=1, description="Optimal stopping: REINFORCE epochs over the replayed units.")
     loss: Literal["ce", "acc"] = Field("ce", description="Optimal stopping: per-unit loss, cross-entropy or 1 - accuracy.")
     split: Literal["val", "rl"] = Field("val", description="Split the cascade is fitted on: validation or D_RL.")
 
@@ -209,9 +282,9 @@ class EvaluationConfig(_Section):
     """What the final table compares."""
 
     split: Literal["val", "test"] = "test"
-    batch_size: int = Field(16, ge=1)
+    batch_size: Int = Field(16, ge=1)
     baselines: list[Literal["single", "random"]] = Field(default_factory=lambda: ["single", "random"])  # type: ignore[arg-type]
-    random_seed: int = 0
+    random_seed: Int = Field(0, ge=0, lt=MAX_SEED, description="Seed of the random-policy baseline.")
     expert_key: str | None = Field(
         None,
         description="Per-input data meta key holding the index of the model that should answer each input "
@@ -224,22 +297,22 @@ class CompareConfig(_Section):
     """Settings of ``routerkit compare``: every strategy on the same trained zoo."""
 
     split: Literal["val", "test"] = "test"
-    batch_size: int = Field(16, ge=1, description="Inputs per batch when replaying the zoo.")
-    idk_lambda: float = Field(0.1, ge=0, description="lambda_IDK of the IDK grid search (loss CE + lambda_IDK * C).")
-    idk_grid_steps: int = Field(21, ge=2)
-    stop_alpha: float | None = Field(None, ge=0, description="Optimal-stopping cost weight (default: reward.lam).")
-    stop_epochs: int = Field(60, ge=1, description="REINFORCE epochs of the stop policies.")
+    batch_size: Int = Field(16, ge=1, description="Inputs per batch when replaying the zoo.")
+    idk_lambda: Float = Field(0.1, ge=0, description="lambda_IDK of the IDK grid search (loss CE + lambda_IDK * C).")
+    idk_grid_steps: Int = Field(21, ge=2)
+    stop_alpha: Float | None = Field(None, ge=0, description="Optimal-stopping cost weight (default: reward.lam).")
+    stop_epochs: Int = Field(60, ge=1, description="REINFORCE epochs of the stop policies.")
     pareto: bool = Field(True, description="Run the cost/quality sweep and draw pareto.png.")
-    sweep_lambdas: list[float] = Field(
+    sweep_lambdas: list[Float] = Field(
         default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7], description="PaSeR / oracle lambdas."
     )
-    sweep_policy_epochs: int = Field(25, ge=1, description="Replayed REINFORCE epochs per swept PaSeR policy.")
-    idk_offsets: list[float] = Field(
+    sweep_policy_epochs: Int = Field(25, ge=1, description="Replayed REINFORCE epochs per swept PaSeR policy.")
+    idk_offsets: list[Float] = Field(
         default_factory=lambda: [-2.0, -1.5, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0],
         description="IDK thresholds: mean + offset * std of each stage's uncertainty (validation split).",
     )
-    stop_alphas: list[float] = Field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0])
-    tvd_thresholds: list[float] = Field(
+    stop_alphas: list[Float] = Field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0])
+    tvd_thresholds: list[Float] = Field(
         default_factory=list,
         description="Re-run the TVD-threshold fine-tuning from the run's stage-2 policy at each threshold (PaSeR Fig. 12); "
         "needs training.finetune.tvd_threshold / lam_end and a run directory.",
@@ -263,23 +336,39 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
-        if self.uncertainty.name == "mc_dropout":
-            base = self.zoo.models[0]
-            if float(base.params.get("dropout", 0.0) or 0.0) <= 0.0 and base.model.startswith(("unet", "toy", "cifar_resnet")):
-                raise ValueError(
+        base = self.zoo.models[0]
+        if self.uncertainty.name == "mc_dropout" and base.model.startswith(_DROPOUT_MODELS):
+            dropout = base.params.get("dropout", 0.0)
+            if dropout is not None and (
+                isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1
+            ):
+                raise field_error(
+                    "zoo.models.0.params.dropout",
+                    f"Expected the dropout probability of f_0, a number in [0, 1), but got {dropout!r}.",
+                )
+            if not dropout:
+                raise field_error(
+                    "zoo.models.0.params.dropout",
                     "uncertainty.name is 'mc_dropout' but zoo.models[0] (the base model f_0) has no dropout: "
-                    "set zoo.models[0].params.dropout (e.g. 0.1) or use uncertainty.name: softmax_entropy."
+                    "set zoo.models[0].params.dropout (e.g. 0.1) or use uncertainty.name: softmax_entropy.",
                 )
         for i, m in enumerate(self.zoo.models):
             if m.train_on is not None and len(m.train_on) != 1:
-                raise ValueError(f"zoo.models.{i}.train_on must name exactly one meta key, e.g. {{noise: 1}}, got {m.train_on}.")
+                raise field_error(
+                    f"zoo.models.{i}.train_on",
+                    f"Expected exactly one meta key, e.g. {{noise: 1}}, but got {m.train_on}.",
+                )
         if self.training.finetune.lam_end is not None and self.training.finetune.lam_end < self.reward.lam:
-            raise ValueError(
+            raise field_error(
+                "training.finetune.lam_end",
                 f"training.finetune.lam_end ({self.training.finetune.lam_end}) must be >= reward.lam ({self.reward.lam}): "
-                "the fine-tuning schedule raises lambda."
+                "the fine-tuning schedule raises lambda.",
             )
         for stage in ("policy", "finetune"):
             s = getattr(self.training, stage)
             if s.alpha_end < s.alpha_start:
-                raise ValueError(f"training.{stage}.alpha_end ({s.alpha_end}) must be >= alpha_start ({s.alpha_start}).")
+                raise field_error(
+                    f"training.{stage}.alpha_end",
+                    f"training.{stage}.alpha_end ({s.alpha_end}) must be >= alpha_start ({s.alpha_start}).",
+                )
         return self

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -22,7 +24,15 @@ from routerkit.flops import FLOP_CONVENTION
 from routerkit.metrics import EvalResult, evaluate_router
 from routerkit.rewards import Reward
 from routerkit.routers import CascadeRouter, PaSeRRouter, create_router
-from routerkit.training.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, read_latest, save_checkpoint
+from routerkit.training.checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    atomic_write_json,
+    load_checkpoint,
+    read_latest,
+    save_checkpoint,
+)
+from routerkit.training.run_lock import RunLock
 from routerkit.training.stages import (
     BaseModelPretraining,
     CascadeFitting,
@@ -30,11 +40,13 @@ from routerkit.training.stages import (
     LargeModelPretraining,
     PolicyFineTuning,
     PolicyTraining,
+    PretrainChecks,
     Stage,
     StageSettings,
     global_rng_state,
     set_global_rng_state,
 )
+from routerkit.training.trust import check_run_trust, new_run_id, record_trusted_run
 
 STAGE_ORDER = ("pretrain_large", "pretrain_base", "policy", "finetune")
 
@@ -42,6 +54,18 @@ STAGE_ORDER = ("pretrain_large", "pretrain_base", "policy", "finetune")
 def _settings(section: Any) -> StageSettings:
     schedule = getattr(section, "lr_schedule", "constant")  # the cascade fit (one epoch) has none
     return StageSettings(section.epochs, section.lr, section.batch_size, section.weight_decay, schedule)
+
+
+def _checks(exp: Experiment, section: Any) -> PretrainChecks:
+    """Per-epoch validation (on the validation split), batch-norm recalibration and best epoch of a pre-training stage."""
+    return PretrainChecks(
+        validation=exp.data.val,
+        num_classes=exp.data.num_classes,
+        precise_bn=section.precise_bn,
+        bn_batches=section.bn_batches,
+        keep_best=section.keep_best,
+        batch_size=exp.config.evaluation.batch_size,
+    )
 
 
 def policy_stage(
@@ -147,6 +171,7 @@ def build_stages(exp: Experiment) -> list[Stage]:
             ignore,
             t.pretrain_large.augment,
             {i: d for i, d in specialists.items() if i > 0},
+            checks=_checks(exp, t.pretrain_large),
         ),
         BaseModelPretraining(
             exp.pipeline,
@@ -156,6 +181,7 @@ def build_stages(exp: Experiment) -> list[Stage]:
             t.pretrain_base.beta,
             ignore,
             t.pretrain_base.augment,
+            checks=_checks(exp, t.pretrain_base),
         ),
     ]
     if isinstance(exp.router, CascadeRouter):
@@ -227,9 +253,129 @@ def _model_state(exp: Experiment) -> dict[str, Any]:
     return {"zoo": exp.zoo.state_dict(), "router": exp.router.state_dict()}
 
 
-def _load_model_state(exp: Experiment, state: dict[str, Any]) -> None:
-    exp.zoo.load_state_dict(state["zoo"])
-    exp.router.load_state_dict(state["router"])
+def _load_model_state(exp: Experiment, state: Any, checkpoint: str = "the checkpoint") -> None:
+    """Load a checkpoint's ``model`` entry into the zoo and the router built from the run's config.
+
+    Args:
+        exp: The experiment rebuilt from the run's ``config.yaml``.
+        state: The checkpoint's ``model`` entry, ``{"zoo": state dict, "router": state dict}``.
+        checkpoint: The checkpoint file, for the error messages.
+
+    Raises:
+        CheckpointError: When a state dict misses keys, has unexpected ones or a tensor of another
+            shape than the module's (the message names the checkpoint, the zoo model or the router
+            and the keys), or when a floating-point tensor holds NaN or inf (it names the tensors).
+    """
+    modules: dict[str, torch.nn.Module] = {"zoo": exp.zoo, "router": exp.router}
+    if not isinstance(state, dict) or not all(isinstance(state.get(part), dict) for part in modules):
+        got = f"keys {sorted(map(str, state))}" if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(
+            f"Checkpoint {checkpoint}: expected a model state with 'zoo' and 'router' state dicts but got {got}."
+        )
+    problems = [p for part, module in modules.items() for p in _state_mismatches(exp, part, module, state[part])]
+    if problems:
+        raise CheckpointError(
+            f"Checkpoint {checkpoint} does not fit the models built from the run's config.yaml: "
+            + "; ".join(problems)
+            + ". Was config.yaml edited after training, or the checkpoint taken from another run?"
+        )
+    bad = [name for part, module in modules.items() for name in _non_finite(exp, part, module, state[part])]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise CheckpointError(
+            f"Checkpoint {checkpoint}: expected finite weights but got NaN or inf in {len(bad)} tensor(s): {shown}. "
+            "The training diverged or the file was overwritten; resume from an earlier checkpoint or retrain."
+        )
+    for part, module in modules.items():
+        try:
+            module.load_state_dict(state[part])
+        except RuntimeError as err:  # a module's own load hook refused it
+            raise CheckpointError(f"Checkpoint {checkpoint}: loading the {part} state failed: {err}") from None
+
+
+def _module_label(exp: Experiment, part: str, key: str) -> str:
+    """``zoo model 'f1_medium'`` for a zoo key ``members.1.<...>``, ``router (PaSeRRouter)`` for the router's."""
+    if part != "zoo":
+        return f"router ({type(exp.router).__name__})"
+    head, _, rest = key.partition(".")
+    index = rest.partition(".")[0]
+    if head == "members" and index.isdigit() and int(index) < len(exp.zoo.names):
+        return f"zoo model {exp.zoo.names[int(index)]!r}"
+    return "zoo"
+
+
+def _first(items: list[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
+
+
+def _state_mismatches(exp: Experiment, part: str, module: torch.nn.Module, given: dict[str, Any]) -> list[str]:
+    """What keeps ``given`` from loading into ``module``, one line per zoo model (or the router)."""
+    from torch.nn.parameter import is_lazy
+
+    expected = module.state_dict()
+    found: dict[str, list[list[str]]] = {}  # label -> [missing, unexpected, wrong shapes]
+
+    def note(key: str, kind: int, text: str) -> None:
+        found.setdefault(_module_label(exp, part, key), [[], [], []])[kind].append(text)
+
+    for key, value in expected.items():
+        got = given.get(key)
+        if key not in given:
+            note(key, 0, repr(key))
+        elif isinstance(value, torch.Tensor) and not is_lazy(value):
+            if not isinstance(got, torch.Tensor):
+                note(key, 2, f"expected {key!r} to be a tensor but got {type(got).__name__}")
+            elif got.shape != value.shape:
+                note(key, 2, f"expected {key!r} of shape {list(value.shape)} but got {list(got.shape)}")
+    for key in given:
+        if key not in expected:
+            note(key, 1, repr(key))
+    lines = []
+    for label, (missing, unexpected, shapes) in found.items():
+        what = [f"missing keys {_first(missing)}"] if missing else []
+        what += [f"unexpected keys {_first(unexpected)}"] if unexpected else []
+        what += [_first(shapes, 3)] if shapes else []
+        lines.append(f"{label}: " + "; ".join(what))
+    return lines
+
+
+def _non_finite(exp: Experiment, part: str, module: torch.nn.Module, given: dict[str, Any]) -> list[str]:
+    """Floating-point tensors of ``given`` holding NaN or inf (inf is allowed in router buffers: IDK's unfitted thresholds)."""
+    parameters = {name for name, _ in module.named_parameters()}
+    bad = []
+    for key, value in given.items():
+        if not isinstance(value, torch.Tensor) or not (value.is_floating_point() or value.is_complex()):
+            continue
+        inf_allowed = part == "router" and key not in parameters  # an IDK threshold of +inf: "never forward"
+        broken = value.isnan().any() if inf_allowed else ~torch.isfinite(value).all()
+        if bool(broken):
+            bad.append(f"{_module_label(exp, part, key)} {key!r}")
+    return bad
+
+
+def _checkpoint_file(run_dir: Path, name: str | None) -> str:
+    """The ``.safetensors`` file of checkpoint ``name`` (default: the latest), for messages."""
+    return str(Path(run_dir) / "checkpoints" / f"{name or read_latest(run_dir)}.safetensors")
+
+
+def _read_run_config(path: Path) -> ExperimentConfig:
+    """Parse a run directory's saved ``config.yaml``.
+
+    Raises:
+        ConfigError: When the file is unreadable, not YAML, not a mapping or not a valid config;
+            the message names the file.
+    """
+    file = path / "config.yaml"
+    try:
+        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(
+            f"Run config {file} is corrupted: expected the YAML that `routerkit train` saved but got unreadable content ({err})."
+        ) from None
+    if not isinstance(raw, dict):
+        got = "an empty file" if raw is None else f"a YAML {type(raw).__name__}"
+        raise ConfigError(f"Run config {file} is corrupted: expected a mapping of config sections but got {got}.")
+    return parse_config(raw, str(file))
 
 
 def train(
@@ -238,8 +384,13 @@ def train(
     console: Console | None = None,
     run_dir: str | Path | None = None,
     plugin_dirs: list[str] | None = None,
+    trust_remote_code: bool = False,
+    overwrite: bool = False,
 ) -> tuple[Path, list[EvalResult]]:
     """Train every stage, checkpointing after each epoch, then evaluate.
+
+    The run directory is locked while it trains (`RunLock`): a second process gets a clear error.
+    A new run refuses a folder that already holds one unless ``overwrite``.
 
     Args:
         cfg: The experiment.
@@ -247,6 +398,9 @@ def train(
         console: Where to print (default: a new rich console).
         run_dir: Explicit run directory for a new run.
         plugin_dirs: Folders holding the config's plugin packages (recorded for resume/evaluate).
+        trust_remote_code: On resume, import the run's plugin code even when the run was not created
+            here or its files changed (see `routerkit.training.trust`).
+        overwrite: Start a new run in ``run_dir`` even if it holds one (its checkpoints and metrics are deleted).
 
     Returns:
         The run directory and the evaluation results.
@@ -256,13 +410,71 @@ def train(
         path = Path(resume)
         if not (path / "config.yaml").exists():
             raise ConfigError(f"--resume {path}: not a run directory (no config.yaml).")
+        check_run_trust(path, trust_remote_code)  # before any of its code is imported or put on sys.path
         _add_saved_plugin_dirs(path)
-        cfg = parse_config(yaml.safe_load((path / "config.yaml").read_text()), str(path / "config.yaml"))
+        cfg = _read_run_config(path)
     else:
         path = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"Run directory {path} is a file; choose another --run-dir.")
         path.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path / "config.yaml", dump_config(cfg).encode())
-        atomic_write_json(path / "run.json", {"plugin_dirs": list(plugin_dirs or []), "routerkit_version": _version()})
+    with RunLock(path):
+        if resume is None:
+            _prepare_new_run_dir(path, overwrite)
+            atomic_write_bytes(path / "config.yaml", dump_config(cfg).encode())
+            run_info = {"plugin_dirs": list(plugin_dirs or []), "routerkit_version": _version(), "run_id": new_run_id()}
+            atomic_write_json(path / "run.json", run_info)
+            record_trusted_run(path)  # created here by this user: evaluate/compare/resume need no --trust-remote-code
+        return _train_locked(cfg, path, resume is not None, console)
+
+
+def _prepare_new_run_dir(path: Path, overwrite: bool) -> None:
+    """Refuse to start a new run in a folder that holds one, unless ``overwrite`` (then clear its outputs)."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"Run directory {path} is a file; choose another --run-dir.")
+    held = [p.name for p in (path / "config.yaml", path / "checkpoints", path / "metrics") if p.exists()]
+    if not held:
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"Run directory {path} already holds a run ({', '.join(held)}): continue it with `routerkit train --resume "
+            f"{path}`, choose another --run-dir, or pass --overwrite to delete its checkpoints and metrics and start again."
+        )
+    for name in ("checkpoints", "metrics", "figures", "compare", "robustness"):
+        if (path / name).is_dir():
+            shutil.rmtree(path / name)
+    for name in ("config.yaml", "run.json", "calibration.json"):
+        (path / name).unlink(missing_ok=True)
+
+
+def _truncate_log(log_path: Path, stage_index: int, epoch: int) -> None:
+    """Drop log rows after (``stage_index``, ``epoch``): epochs a killed run logged but did not checkpoint.
+
+    Those epochs run again on resume; without this they would be logged twice.
+    """
+    if not log_path.exists():
+        return
+    kept = []
+    for line in log_path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by the kill
+            continue
+        key = (int(row.get("stage_index", -1)), int(row.get("epoch", -1)))
+        if "stage_index" not in row or key <= (stage_index, epoch):
+            kept.append(line)
+    atomic_write_bytes(log_path, ("\n".join(kept) + "\n" if kept else "").encode())
+
+
+def _info(logs: dict[str, float]) -> str:
+    """The progress bar's text: validation figures first, then the losses."""
+    keys = sorted(logs, key=lambda k: not k.startswith("val/"))[:4]
+    return "  ".join(f"{k.split('/')[-1]}={logs[k]:.4f}" for k in keys)
+
+
+def _train_locked(cfg: ExperimentConfig, path: Path, resuming: bool, console: Console) -> tuple[Path, list[EvalResult]]:
+    """The body of `train`, run while holding the run directory's lock."""
+    resume = path if resuming else None
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     t0 = time.perf_counter()
@@ -277,7 +489,7 @@ def train(
     done_stage, done_epoch = -1, -1
     if resume is not None and read_latest(path) is not None:
         state, meta = load_checkpoint(path)
-        _load_model_state(exp, state["model"])
+        _load_model_state(exp, state.get("model"), _checkpoint_file(path, None))
         done_stage, done_epoch = int(meta["stage_index"]), int(meta["epoch"])
         if meta.get("stage_complete"):
             done_stage, done_epoch = done_stage + 1, -1
@@ -286,8 +498,11 @@ def train(
         if "rng" in state:  # dropout and MC-dropout draws continue where the interrupted run was
             set_global_rng_state(state["rng"])
         console.print(f"Resuming from checkpoint {read_latest(path)!r} (stage {meta['stage']}, epoch {meta['epoch']}).")
+        _truncate_log(path / "metrics" / "train_log.jsonl", int(meta["stage_index"]), int(meta["epoch"]))
     else:
         done_stage = 0
+        if resume is not None:  # resumed before the first checkpoint: start again from scratch
+            _truncate_log(path / "metrics" / "train_log.jsonl", -1, -1)
     log_path = path / "metrics" / "train_log.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with Progress(
@@ -310,12 +525,16 @@ def train(
             for epoch in range(first, epochs):
                 logs = stage.train_epoch(epoch)
                 with log_path.open("a") as fh:
-                    fh.write(json.dumps({"stage": stage.name, "epoch": epoch, **logs}) + "\n")
+                    fh.write(json.dumps({"stage": stage.name, "stage_index": index, "epoch": epoch, **logs}) + "\n")
                 complete = epoch == epochs - 1
+                for message in stage.warnings:
+                    progress.console.print(f"[bold yellow]warning:[/bold yellow] {escape(message)}", soft_wrap=True)
+                    with log_path.open("a") as fh:
+                        row = {"stage": stage.name, "stage_index": index, "epoch": epoch, "warning": message}
+                        fh.write(json.dumps(row) + "\n")
+                stage.warnings.clear()
                 if not complete and (epoch + 1) % cfg.run.checkpoint_every:
-                    progress.update(
-                        task, advance=1, info="  ".join(f"{k.split('/')[-1]}={v:.4f}" for k, v in list(logs.items())[:3])
-                    )
+                    progress.update(task, advance=1, info=_info(logs))
                     continue
                 save_checkpoint(
                     path,
@@ -323,8 +542,7 @@ def train(
                     {"model": _model_state(exp), "stage": stage.state_dict(), "rng": global_rng_state()},
                     {"stage": stage.name, "stage_index": index, "epoch": epoch, "stage_complete": complete},
                 )
-                info = "  ".join(f"{k.split('/')[-1]}={v:.4f}" for k, v in list(logs.items())[:3])
-                progress.update(task, advance=1, info=info)
+                progress.update(task, advance=1, info=_info(logs))
             if epochs == 0:
                 progress.update(task, completed=1, info="(0 epochs)")
                 save_checkpoint(
@@ -465,22 +683,28 @@ def _add_saved_plugin_dirs(run_dir: Path) -> None:
             add_plugin_path(folder)
 
 
-def load_run(run_dir: str | Path, checkpoint: str | None = None) -> Experiment:
+def load_run(run_dir: str | Path, checkpoint: str | None = None, trust_remote_code: bool = False) -> Experiment:
     """Rebuild a run's experiment from its saved config and load its weights.
 
     Args:
         run_dir: The run directory.
         checkpoint: Checkpoint name (e.g. ``"calibrated"``); default: ``final``, else the latest.
+        trust_remote_code: Import the plugin code the run names (dotted paths, ``run.json`` plugin folders)
+            even when the run was not created here by `routerkit train` or its files changed since.
+
+    Raises:
+        UntrustedRunError: The run names code outside routerkit and is not trusted; nothing was imported.
     """
     path = Path(run_dir)
     if not (path / "config.yaml").exists():
         raise ConfigError(f"{path} is not a run directory (no config.yaml).")
+    check_run_trust(path, trust_remote_code)  # before any of its code is imported or put on sys.path
     _add_saved_plugin_dirs(path)
-    cfg = parse_config(yaml.safe_load((path / "config.yaml").read_text()), str(path / "config.yaml"))
+    cfg = _read_run_config(path)
     exp = build_experiment(cfg)
     name = checkpoint or ("final" if (path / "checkpoints" / "final.json").exists() else None)
     if checkpoint is not None and not (path / "checkpoints" / f"{checkpoint}.json").exists():
         raise ConfigError(f"{path} has no checkpoint {checkpoint!r}.")
     state, _ = load_checkpoint(path, name)
-    _load_model_state(exp, state["model"])
+    _load_model_state(exp, state.get("model"), _checkpoint_file(path, name))
     return exp

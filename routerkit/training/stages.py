@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ from routerkit.pipeline import RoutedPipeline
 from routerkit.rewards import AccuracyTerm, Reward
 from routerkit.routers.base import Router
 from routerkit.routers.paser import PaSeRRouter
+from routerkit.training.model_quality import Quality, model_quality, recompute_bn_statistics
 
 
 def _augment(images: Tensor, targets: Tensor, generator: torch.Generator, *extra: Tensor) -> tuple[Tensor, ...]:
@@ -88,6 +90,32 @@ class StageSettings:
     lr_schedule: str = "constant"
 
 
+@dataclass
+class PretrainChecks:
+    """What a pre-training stage does after every epoch, per model it trains.
+
+    Attributes:
+        validation: Split scored after every epoch (``None``: no validation, no best epoch).
+        num_classes: Classes K of the task.
+        precise_bn: Recompute exact batch-norm statistics on the stage's training data before
+            scoring (see `routerkit.training.model_quality`); without it the running averages of a
+            short training can leave a model far worse in eval mode than in training.
+        bn_batches: At most this many training batches for those statistics (``None``: all).
+        keep_best: At the stage's end, each model takes the weights of its best validation epoch.
+        batch_size: Inputs per batch when scoring.
+        warn_gap: Warn when a model's eval-mode validation accuracy is more than this far below its
+            accuracy with batch statistics.
+    """
+
+    validation: Split | None = None
+    num_classes: int = 0
+    precise_bn: bool = True
+    bn_batches: int | None = None
+    keep_best: bool = True
+    batch_size: int = 16
+    warn_gap: float = 0.05
+
+
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -134,6 +162,8 @@ class Stage:
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.modules: dict[str, nn.Module] = {}
         self._initial_lrs: dict[str, list[float]] = {}
+        #: Messages for the user (a model far worse in eval mode, below f_0, ...); the runner prints them.
+        self.warnings: list[str] = []
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
         raise NotImplementedError
@@ -172,7 +202,76 @@ class Stage:
         self.generator.set_state(state["generator"].to(torch.uint8))
 
 
-class LargeModelPretraining(Stage):
+class _CheckedPretraining(Stage):
+    """A pre-training stage with per-epoch batch-norm recalibration, validation and best-epoch selection.
+
+    Subclasses call `check_models` at the end of `run_epoch` with, per trained model, its key, its
+    forward on whole inputs and the training batches its batch-norm statistics come from.
+    The best weights (by validation mean IoU; accuracy for classification) are part of the stage's
+    state, so a resumed stage selects the same epoch.
+    """
+
+    checks: PretrainChecks
+
+    def _init_checks(self, checks: PretrainChecks | None) -> None:
+        self.checks = checks or PretrainChecks()
+        if self.checks.validation is not None and self.checks.num_classes < 2:
+            raise ValueError(f"Expected num_classes >= 2 with a validation split but got {self.checks.num_classes}.")
+        self.best: dict[str, dict[str, Any]] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["best"] = self.best
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.best = {k: dict(v) for k, v in state.get("best", {}).items()}
+
+    def _score(self, quality: Quality) -> float:
+        assert self.checks.validation is not None
+        return quality.accuracy if self.checks.validation.targets.dim() == 1 else quality.mean_iou
+
+    def check_models(
+        self,
+        epoch: int,
+        models: list[tuple[str, nn.Module, Callable[[Tensor], Tensor], Callable[[], Iterable[Tensor]]]],
+    ) -> dict[str, float]:
+        """Recalibrate, validate and (at the last epoch) restore the best weights of each model."""
+        c, logs = self.checks, {}
+        last = epoch == self.settings.epochs - 1
+        for key, model, forward, bn_inputs in models:
+            if c.precise_bn:
+                recompute_bn_statistics(model, bn_inputs(), c.bn_batches)
+            if c.validation is None:
+                continue
+            q = model_quality(forward, model, c.validation, c.num_classes, self.ignore_index, c.batch_size)
+            score = self._score(q)
+            logs[f"val/miou_{key}"], logs[f"val/acc_{key}"] = q.mean_iou, q.accuracy
+            best = self.best.get(key)
+            if c.keep_best and (best is None or score > float(best["score"])):
+                state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                self.best[key] = {"score": score, "epoch": epoch, "state": state}
+            if not last:
+                continue
+            if c.keep_best and key in self.best and int(self.best[key]["epoch"]) != epoch:
+                model.load_state_dict(self.best[key]["state"])
+                q = model_quality(forward, model, c.validation, c.num_classes, self.ignore_index, c.batch_size)
+            if c.keep_best and key in self.best:
+                logs[f"val/best_epoch_{key}"] = float(self.best[key]["epoch"])
+            batch_stats = model_quality(forward, model, c.validation, c.num_classes, self.ignore_index, c.batch_size, True)
+            if batch_stats.accuracy - q.accuracy > c.warn_gap:
+                self.warnings.append(
+                    f"model {key!r}: validation accuracy {100 * q.accuracy:.1f}% in eval mode but "
+                    f"{100 * batch_stats.accuracy:.1f}% with batch statistics: its batch-norm running statistics do not "
+                    "fit its weights" + ("" if c.precise_bn else " (set precise_bn: true to recompute them)") + "."
+                )
+        return logs
+
+    ignore_index: int | None
+
+
+class LargeModelPretraining(_CheckedPretraining):
     """Stage 1a: each costlier model on the units of D_PT with cross-entropy.
 
     Args:
@@ -184,6 +283,7 @@ class LargeModelPretraining(Stage):
         augment: Random flips of segmentation batches.
         model_data: Per-model training data overriding ``data`` (``{model index: split}``), for
             zoos of specialists each trained on its own kind of input.
+        checks: Per-epoch batch-norm recalibration, validation and best-epoch selection.
     """
 
     name = "pretrain_large"
@@ -197,8 +297,10 @@ class LargeModelPretraining(Stage):
         ignore_index: int | None = None,
         augment: bool = True,
         model_data: dict[int, Split] | None = None,
+        checks: PretrainChecks | None = None,
     ) -> None:
         super().__init__(settings, seed)
+        self._init_checks(checks)
         self.pipeline, self.data, self.ignore_index, self.augment = pipeline, data, ignore_index, augment
         self.model_data = dict(model_data or {})
         for i, part in self.model_data.items():
@@ -233,10 +335,23 @@ class LargeModelPretraining(Stage):
                 self.optimizers[key].step()
                 total, count = total + float(loss.detach()) * len(images), count + len(images)
             logs[f"losses/ce_{key}"] = total / max(count, 1)
+        logs.update(self.check_models(epoch, [self._checked(i) for i in range(1, len(self.pipeline.zoo))]))
         return logs
 
+    def _checked(self, i: int) -> tuple[str, nn.Module, Callable[[Tensor], Tensor], Callable[[], Iterable[Tensor]]]:
+        part, model = self.pipeline.partitioner, self.pipeline.zoo[i]
+        data = self.model_data.get(i, self.data)
 
-class BaseModelPretraining(Stage):
+        def forward(images: Tensor) -> Tensor:
+            return part.stitch(model(part.split(images)), images.shape[0])
+
+        def bn_inputs() -> Iterable[Tensor]:
+            return (part.split(images) for images, _ in data.batches(self.settings.batch_size))
+
+        return self.pipeline.zoo.names[i], model, forward, bn_inputs
+
+
+class BaseModelPretraining(_CheckedPretraining):
     """Stage 1b: ``f_0`` on whole inputs, CE + ``beta`` x MSE to the largest model's logits."""
 
     name = "pretrain_base"
@@ -251,8 +366,10 @@ class BaseModelPretraining(Stage):
         ignore_index: int | None = None,
         augment: bool = True,
         teacher_batch: int = 16,
+        checks: PretrainChecks | None = None,
     ) -> None:
         super().__init__(settings, seed)
+        self._init_checks(checks)
         if beta < 0:
             raise ValueError(f"Expected beta >= 0 but got {beta}.")
         self.pipeline, self.data, self.beta, self.ignore_index, self.augment = pipeline, data, beta, ignore_index, augment
@@ -301,7 +418,33 @@ class BaseModelPretraining(Stage):
             self.optimizers["f0"].step()
             totals["ce"] += float(ce.detach()) * len(idx)
             totals["kd"] += float(kd.detach()) * len(idx)
-        return {"losses/ce_f0": totals["ce"] / n, "losses/kd_f0": totals["kd"] / n}
+        logs = {"losses/ce_f0": totals["ce"] / n, "losses/kd_f0": totals["kd"] / n}
+        bn_inputs = lambda: (images for images, _ in self.data.batches(self.settings.batch_size))  # noqa: E731
+        logs.update(self.check_models(epoch, [("f0", model, model, bn_inputs)]))
+        if epoch == self.settings.epochs - 1 and self.checks.validation is not None:
+            self._compare_with_costlier(logs.get("val/miou_f0"), logs.get("val/acc_f0"))
+        return logs
+
+    def _compare_with_costlier(self, miou: float | None, acc: float | None) -> None:
+        """Warn about costlier models that score below ``f_0`` on validation: nothing to route to."""
+        c, part, zoo = self.checks, self.pipeline.partitioner, self.pipeline.zoo
+        if miou is None or acc is None or c.validation is None:
+            return
+        base = acc if c.validation.targets.dim() == 1 else miou
+        metric = "accuracy" if c.validation.targets.dim() == 1 else "mean IoU"
+        for i in range(1, len(zoo)):
+            model = zoo[i]
+
+            def forward(images: Tensor, model: nn.Module = model) -> Tensor:
+                return part.stitch(model(part.split(images)), images.shape[0])
+
+            score = self._score(model_quality(forward, model, c.validation, c.num_classes, self.ignore_index, c.batch_size))
+            if score < base:
+                self.warnings.append(
+                    f"model {zoo.names[i]!r} (costlier) scores a validation {metric} of {score:.4f}, below the base model "
+                    f"{zoo.names[0]!r} ({base:.4f}): a router gains nothing by sending units to it. Train it longer or "
+                    "check its settings."
+                )
 
 
 def _baseline(kind: str, rewards: Tensor, expected: Tensor | None) -> Tensor:
@@ -783,6 +926,9 @@ class JointFineTuning(Stage):
                 sums[k] = sums.get(k, 0.0) + v * images.shape[0]
         out = {k: v / n for k, v in sums.items()}
         out["charts/alpha"] = alpha
+        if not self.freeze_bn:  # the running averages saw only the skewed routed subsets: recompute them on D_FT
+            for i in range(1, len(zoo)):
+                recompute_bn_statistics(zoo[i], (part.split(x) for x, _ in self.data.batches(self.settings.batch_size)))
         return out
 
 

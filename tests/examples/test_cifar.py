@@ -142,6 +142,59 @@ def test_pickle_source(tmp_path: Path) -> None:
     assert set(full.train.meta["index"].tolist()) | set(full.val.meta["index"].tolist()) == set(range(60))
 
 
+class _RunsShell:
+    """Unpickling this calls ``os.system``: what a booby-trapped batch file would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    root = write_pickle(tmp_path)
+    marker = tmp_path / "ran"
+    target = root / "cifar-10-batches-py" / "data_batch_3"
+    for protocol in (2, pickle.HIGHEST_PROTOCOL):
+        target.write_bytes(pickle.dumps({b"data": _RunsShell(marker), b"labels": [0]}, protocol=protocol))
+        with pytest.raises(cifar_data.UnsafePickleError, match=r"data_batch_3.*system") as err:
+            build_data("pickle", str(root), num_train=30, num_val=20, num_test=10)
+        assert isinstance(err.value, ValueError)  # routerkit reports it as a data.params problem, no traceback
+        assert not marker.exists(), "the pickle's os.system call ran"
+    # Not only os.system: any other global (here a builtin that is no container) is refused too.
+    target.write_bytes(pickle.dumps({b"data": print, b"labels": [0]}, protocol=2))
+    with pytest.raises(cifar_data.UnsafePickleError, match=r"builtin_*\.print"):
+        cifar_data.load_pickle(root)
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+def test_pickled_numpy_batches_still_load(tmp_path: Path, protocol: int) -> None:
+    """Official batches are Python 2 protocol-2 pickles of numpy arrays; numpy pickles of any protocol load too."""
+    labels = _labels(6)
+    data = _images(labels).transpose(0, 3, 1, 2).reshape(6, 3072)
+    batch = {b"data": data, b"labels": labels, b"batch_label": b"x", b"mean": np.float32(0.5), b"filenames": [b"a.png"]}
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps(batch, protocol=protocol))
+    with path.open("rb") as handle:
+        back = cifar_data._BatchUnpickler(handle, path).load()  # the restricted unpickler the plugin reads with
+    assert np.array_equal(back[b"data"], data) and np.array_equal(back[b"labels"], labels) and back[b"mean"] == 0.5
+    images, targets = cifar_data._read_batch(path)
+    assert images.dtype == torch.uint8 and torch.equal(images, torch.from_numpy(data.reshape(6, 3, 32, 32)))
+    assert targets.tolist() == labels.tolist()
+
+
+def test_official_batches_meta_unpickles() -> None:
+    """The official ``batches.meta`` (Python 2 cPickle) goes through the restricted unpickler."""
+    meta_file = ROOT.parent / "shared" / "data" / "cifar10" / "lossless_subset" / "batches.meta"
+    if not meta_file.is_file():
+        pytest.skip(f"no official batches.meta at {meta_file}")
+    with meta_file.open("rb") as handle:
+        meta = cifar_data._BatchUnpickler(handle, meta_file).load()
+    assert [name.decode() for name in meta[b"label_names"]] == list(CLASS_NAMES)
+    assert meta[b"num_vis"] == 3 * 32 * 32
+
+
 def test_determinism_and_seed(tmp_path: Path) -> None:
     root = str(write_pickle(tmp_path))
     a = build_data("pickle", root, num_train=20, num_val=10, num_test=10, seed=3)

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
+from routerkit.config import ConfigError
 from routerkit.training import checkpoint as ckpt
-from routerkit.training.checkpoint import load_checkpoint, read_latest, save_checkpoint, to_device
+from routerkit.training.checkpoint import CheckpointError, load_checkpoint, read_latest, save_checkpoint, to_device
 
 
 def trained_state() -> tuple[nn.Module, torch.optim.Optimizer, dict[str, object]]:
@@ -214,3 +217,221 @@ def test_policy_stage_resumes_exactly_from_checkpoint(tmp_path: Path, tiny_seg_b
     assert resumed.optimizers["router"].param_groups[0]["lr"] == pytest.approx(last_lr)
     for p, q in zip(router_a.state_dict().values(), router_b.state_dict().values(), strict=True):
         assert torch.allclose(p.float(), q.float())
+
+
+# ---------------------------------------------------------------- corrupted files
+
+
+def _set_header_length(data: bytes, length: int) -> bytes:
+    return struct.pack("<Q", length) + data[8:]
+
+
+def _garbage_header(data: bytes) -> bytes:
+    (length,) = struct.unpack("<Q", data[:8])
+    return data[:8] + b"\xff" * length + data[8 + length :]
+
+
+def _other_tensors(path: Path) -> None:  # the JSON names tensors this safetensors file does not hold
+    from safetensors.torch import save_file
+
+    save_file({"unrelated": torch.zeros(1)}, str(path))
+
+
+# (file to corrupt, how: bytes -> bytes or a path function, what the message says it expected)
+CORRUPTIONS = {
+    "safetensors-truncated": ("x.safetensors", lambda b: b[: len(b) // 2], "expected a safetensors file"),
+    "safetensors-empty": ("x.safetensors", lambda b: b"", "expected a safetensors file"),
+    "safetensors-oversized-header": ("x.safetensors", lambda b: _set_header_length(b, 2**40), "header too large"),
+    "safetensors-header-past-the-end": ("x.safetensors", lambda b: _set_header_length(b, len(b)), "expected a safetensors"),
+    "safetensors-garbage-header": ("x.safetensors", _garbage_header, "expected a safetensors file"),
+    "safetensors-of-another-checkpoint": ("x.safetensors", _other_tensors, "do not belong together: expected tensor 't000000'"),
+    "json-truncated": ("x.json", lambda b: b[: len(b) // 2], 'expected a JSON object {"metadata"'),
+    "json-garbage": ("x.json", lambda b: b"\x00\xff\xfe garbage", 'expected a JSON object {"metadata"'),
+    "json-not-a-checkpoint": ("x.json", lambda b: b'{"hello": 1}', "but got an object with keys ['hello']"),
+    "json-a-list": ("x.json", lambda b: b"[1, 2]", "but got a JSON list"),
+    "json-bad-skeleton": ("x.json", lambda b: b'{"metadata": {}, "skeleton": {"__dict__": 5}}', "skeleton does not parse"),
+    "latest-truncated": ("latest.json", lambda b: b[: len(b) // 2], 'expected a JSON object {"name"'),
+    "latest-garbage": ("latest.json", lambda b: b"\xff\xfe\x00", 'expected a JSON object {"name"'),
+    "latest-without-name": ("latest.json", lambda b: b'{"metadata": {}}', "but got an object with keys ['metadata']"),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_corrupted_checkpoint_raises_checkpoint_error_naming_the_file(tmp_path: Path, case: str) -> None:
+    _, _, state = trained_state()
+    save_checkpoint(tmp_path, "x", state, {"epoch": 3})
+    filename, corrupt, expected = CORRUPTIONS[case]
+    path = tmp_path / "checkpoints" / filename
+    if corrupt is _other_tensors:
+        corrupt(path)
+    else:
+        path.write_bytes(corrupt(path.read_bytes()))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(tmp_path)
+    assert str(path) in str(info.value) and expected in str(info.value)
+    assert isinstance(info.value, ConfigError)  # the command line prints it as an error
+
+
+def test_save_replaces_an_unreadable_latest(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, "a", {"x": torch.ones(1)}, {})
+    (tmp_path / "checkpoints" / "latest.json").write_bytes(b"\xff{")
+    save_checkpoint(tmp_path, "b", {"x": torch.zeros(1)}, {})
+    assert read_latest(tmp_path) == "b"
+    assert (tmp_path / "checkpoints" / "a.json").exists()  # not pruned: it could not be told apart
+
+
+# ---------------------------------------------------------------- temp files of a killed write
+
+
+STALE = [".final.safetensors.ab3_x9zq.tmp", ".latest.json.k2j_x9zz.tmp", ".2-policy-e0001.json.00000000.tmp"]
+NOT_STALE = [
+    "notes.tmp",
+    ".hidden.tmp",
+    ".final.safetensors.tmp",  # no random part
+    "final.safetensors.ab3_x9zq.tmp",  # no leading dot
+    ".final.safetensors.ab3_x9zq.tmp.bak",
+    ".final.safetensors.AB3_X9ZQ.tmp",  # mkstemp draws lower case only
+    ".final.safetensors.ab3x9.tmp",  # 5 random characters, not 8
+    ".final.pt.ab3_x9zq.tmp",  # not a checkpoint file
+    "final.safetensors",
+]
+
+
+def test_save_removes_stale_temp_files_and_nothing_else(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name in STALE + NOT_STALE:
+        (folder / name).write_bytes(b"partial")
+    (folder / ".dir.json.abcdefgh.tmp").mkdir()  # a folder of that name is left alone
+    (tmp_path / ".outside.json.abcdefgh.tmp").write_bytes(b"x")  # so is anything outside checkpoints/
+    save_checkpoint(tmp_path, "new", {"x": torch.ones(1)}, {})
+    left = {p.name for p in folder.iterdir()}
+    assert not left & set(STALE)
+    assert set(NOT_STALE) | {".dir.json.abcdefgh.tmp", "new.safetensors", "new.json", "latest.json"} == left
+    assert (tmp_path / ".outside.json.abcdefgh.tmp").exists()
+
+
+def test_a_killed_write_leaves_a_temp_file_the_next_save_removes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def killed(fd: int) -> None:
+        raise SystemExit("killed")  # stands in for SIGKILL: the temp file stays (no cleanup runs after a real kill)
+
+    save_checkpoint(tmp_path, "a", {"x": torch.ones(1)}, {})
+    monkeypatch.setattr(ckpt.os, "fsync", killed)
+    monkeypatch.setattr(ckpt.os, "unlink", lambda path: None)  # a real kill runs no except clause
+    with pytest.raises(SystemExit):
+        save_checkpoint(tmp_path, "b", {"x": torch.zeros(1)}, {})
+    monkeypatch.undo()
+    folder = tmp_path / "checkpoints"
+    assert [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+    assert ckpt._STALE_TMP.fullmatch(next(p.name for p in folder.iterdir() if p.name.endswith(".tmp")))
+    save_checkpoint(tmp_path, "c", {"x": torch.zeros(1)}, {})
+    assert not [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------- loading into the models of a run
+
+
+def _tiny_experiment(router: str = "paser") -> SimpleNamespace:
+    from routerkit import Zoo, create_router
+    from routerkit.models import ToySegmenter
+
+    torch.manual_seed(0)
+    zoo = Zoo({"small": ToySegmenter(width=2), "big": ToySegmenter(width=4)})
+    params = {"grid_shape": (2, 2), "in_channels": 3, "width": 2} if router == "paser" else {}
+    return SimpleNamespace(zoo=zoo, router=create_router(router, num_actions=2, **params))
+
+
+def _model_state(exp: SimpleNamespace) -> dict[str, dict[str, torch.Tensor]]:
+    return {"zoo": exp.zoo.state_dict(), "router": exp.router.state_dict()}
+
+
+def _drop(state: dict[str, dict[str, torch.Tensor]], part: str, key: str) -> None:
+    del state[part][key]
+
+
+def _set(state: dict[str, dict[str, torch.Tensor]], part: str, key: str, value: torch.Tensor) -> None:
+    state[part][key] = value
+
+
+def _fill(state: dict[str, dict[str, torch.Tensor]], part: str, value: float) -> None:
+    for key, tensor in state[part].items():
+        if tensor.is_floating_point():
+            state[part][key] = torch.full_like(tensor, value)
+
+
+MISMATCHES = {
+    "zoo-missing-key": (
+        lambda s: _drop(s, "zoo", "members.1.net.0.weight"),
+        ["zoo model 'big': missing keys 'members.1.net.0.weight'"],
+    ),
+    "router-missing-key": (
+        lambda s: _drop(s, "router", "policy.head.bias"),
+        ["router (PaSeRRouter): missing keys 'policy.head.bias'"],
+    ),
+    "unexpected-key": (
+        lambda s: _set(s, "router", "policy.extra.weight", torch.zeros(2)),
+        ["router (PaSeRRouter): unexpected keys 'policy.extra.weight'"],
+    ),
+    "wrong-shape": (
+        lambda s: _set(s, "zoo", "members.0.net.0.weight", torch.zeros(5, 1, 3, 3)),
+        ["zoo model 'small': expected 'members.0.net.0.weight' of shape [2, 1, 3, 3] but got [5, 1, 3, 3]"],
+    ),
+    "not-a-tensor": (
+        lambda s: _set(s, "router", "logit_bias", 3),  # type: ignore[arg-type]
+        ["router (PaSeRRouter): expected 'logit_bias' to be a tensor but got int"],
+    ),
+    "no-router-state": (lambda s: s.pop("router"), ["expected a model state with 'zoo' and 'router' state dicts but got"]),
+    "all-nan-zoo": (
+        lambda s: _fill(s, "zoo", float("nan")),
+        ["expected finite weights but got NaN or inf in", "zoo model 'small' 'members.0.net.0.weight'", "more"],
+    ),
+    "inf-router-weight": (
+        lambda s: s["router"]["policy.head.weight"].view(-1)[0].fill_(float("inf")),
+        ["expected finite weights but got NaN or inf in 1 tensor(s): router (PaSeRRouter) 'policy.head.weight'"],
+    ),
+    "nan-router-buffer": (
+        lambda s: _set(s, "router", "entropy_scale", torch.tensor(float("nan"))),
+        ["NaN or inf in 1 tensor(s): router (PaSeRRouter) 'entropy_scale'"],
+    ),
+    "inf-zoo-bias": (
+        lambda s: _set(s, "zoo", "members.1.net.0.bias", torch.full((4,), float("-inf"))),
+        ["NaN or inf in 1 tensor(s): zoo model 'big' 'members.1.net.0.bias'"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MISMATCHES))
+def test_load_model_state_names_checkpoint_module_and_tensors(case: str) -> None:
+    from routerkit.training.runner import _load_model_state
+
+    exp = _tiny_experiment()
+    state = _model_state(_tiny_experiment())
+    corrupt, expected = MISMATCHES[case]
+    corrupt(state)
+    before = {k: v.clone() for k, v in exp.zoo.state_dict().items()}
+    with pytest.raises(CheckpointError) as info:
+        _load_model_state(exp, state, "RUN/checkpoints/final.safetensors")  # type: ignore[arg-type]
+    message = str(info.value)
+    assert "Checkpoint RUN/checkpoints/final.safetensors" in message
+    for text in expected:
+        assert text in message, message
+    for key, value in exp.zoo.state_dict().items():  # nothing was half-loaded
+        assert torch.equal(value, before[key])
+
+
+def test_load_model_state_loads_a_good_state_and_unfitted_idk_thresholds() -> None:
+    from routerkit.training.runner import _load_model_state
+
+    source, target = _tiny_experiment(), _tiny_experiment()
+    for p in source.zoo.parameters():
+        p.data.add_(1.0)
+    _load_model_state(target, _model_state(source))  # type: ignore[arg-type]
+    for p, q in zip(source.zoo.parameters(), target.zoo.parameters(), strict=True):
+        assert torch.equal(p, q)
+    idk = _tiny_experiment("idk")
+    assert torch.isinf(idk.router.thresholds).all()  # +inf: "never forward" until the cascade is fitted
+    _load_model_state(_tiny_experiment("idk"), _model_state(idk))  # type: ignore[arg-type]
+    nan = _model_state(idk)
+    nan["router"]["thresholds"] = torch.full_like(idk.router.thresholds, float("nan"))
+    with pytest.raises(CheckpointError, match="router \\(IDKCascade\\) 'thresholds'"):
+        _load_model_state(_tiny_experiment("idk"), nan)  # type: ignore[arg-type]
