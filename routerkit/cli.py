@@ -298,11 +298,12 @@ def validate(config: ConfigArg, overrides: OverridesOpt = None) -> None:
 @app.command("list")
 def list_components(
     kind: Annotated[
-        str | None, typer.Argument(help="routers, models, estimators, costs, rewards, accuracy, partitioners.")
+        str | None, typer.Argument(help="routers, models, estimators, costs, rewards, accuracy, partitioners, data.")
     ] = None,
 ) -> None:
     """List registered component names (what a config's `name:` fields accept)."""
     from routerkit.costs import COSTS
+    from routerkit.data import DATASETS
     from routerkit.models import MODELS
     from routerkit.partitioners import PARTITIONERS
     from routerkit.rewards import ACCURACY_TERMS, REWARDS
@@ -317,6 +318,7 @@ def list_components(
         "rewards": REWARDS,
         "accuracy": ACCURACY_TERMS,
         "partitioners": PARTITIONERS,
+        "data": DATASETS,
     }
     if kind is not None and kind not in registries:
         _fail(f"unknown kind {kind!r}; choose from {', '.join(registries)}.")

@@ -17,7 +17,7 @@ from routerkit.config.checks import (
     check_device,
     check_meta_keys,
     check_zoo_outputs,
-    resolve_component,
+    resolve_data_factory,
 )
 from routerkit.config.schema import ExperimentConfig
 from routerkit.data import DataBundle, Split, paser_split
@@ -55,7 +55,7 @@ def add_plugin_path(folder: str | Path) -> None:
 
 def build_data(cfg: ExperimentConfig) -> DataBundle:
     """Call the data plugin's factory and check what it returns."""
-    factory = resolve_component("data.factory", cfg.data.factory)
+    factory = resolve_data_factory(cfg.data.factory)
     try:
         bundle = factory(**cfg.data.params)
     except (ValueError, TypeError, FileNotFoundError, NotADirectoryError) as err:

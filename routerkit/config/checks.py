@@ -77,6 +77,14 @@ def resolve_component(field: str, name: str, registry: Registry[Any] | None = No
     return factory  # type: ignore[no-any-return]
 
 
+def resolve_data_factory(name: str) -> Callable[..., Any]:
+    """``data.factory``: a built-in name (``folder``, `routerkit.data.DATASETS`) or a dotted path to a plugin."""
+    from routerkit.data import DATASETS
+
+    dotted = ":" in name or "." in name
+    return resolve_component("data.factory", name, None if dotted else DATASETS)
+
+
 def check_params(
     field: str,
     factory: Callable[..., Any],
@@ -176,7 +184,7 @@ def _component_checks(cfg: ExperimentConfig, data_factory: bool) -> Iterable[Cal
         return check
 
     def data() -> None:
-        factory = resolve_component("data.factory", cfg.data.factory)
+        factory = resolve_data_factory(cfg.data.factory)
         check_params("data.params", factory, cfg.data.params)
 
     if data_factory:

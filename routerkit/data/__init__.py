@@ -9,11 +9,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["DataBundle", "Split", "paser_split"]
+from routerkit._registry import Registry
+
+__all__ = ["DATASETS", "DataBundle", "Split", "paser_split"]
+
+
+#: Built-in data factories, by the name ``data.factory`` takes (``folder``: `routerkit.data.folder`,
+#: registered when that module is imported, as ``import routerkit`` does); a dotted path reaches a
+#: plugin's factory instead. Each returns a `DataBundle`.
+DATASETS: Registry[Any] = Registry("data factory")
 
 
 @dataclass

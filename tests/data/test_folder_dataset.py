@@ -1,0 +1,110 @@
+"""The built-in ``folder`` data factory: a user's own scans from YAML alone, trained, evaluated and resumed."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from routerkit.cli import app
+from routerkit.data import DATASETS, Split
+from routerkit.data.folder import fit_size, folder_dataset
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "examples"))
+from battery_plugin.synthetic import generate_battery  # noqa: E402
+
+VALUE_MAP = {0: 0, 128: 1, 255: 2}
+CLASSES = ["pore", "carbon", "nickel"]
+
+
+def write_scans(root: Path, sizes: dict[str, int], height: int = 36, width: int = 52) -> None:
+    """16-bit PNG scans in a narrow band of the range (as a tomogram), masks 0 / 128 / 255."""
+    for offset, (split, n) in enumerate(sizes.items()):
+        x, y, _ = generate_battery(n, height, width, seed=offset)
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "masks").mkdir(parents=True)
+        for i in range(n):
+            raw = (20000 + 3000 * x[i, 0].numpy()).round().astype(np.uint16)
+            Image.fromarray(raw).save(root / split / "images" / f"s{i:03d}.png")
+            mask = np.array([0, 128, 255], dtype=np.uint8)[y[i].numpy()]
+            Image.fromarray(mask).save(root / split / "masks" / f"s{i:03d}.png")
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("scans")
+    write_scans(root, {"train": 12, "val": 4, "test": 4})
+    return root
+
+
+def test_folder_is_a_registered_data_factory(scans: Path) -> None:
+    assert DATASETS.get("folder") is folder_dataset
+    bundle = folder_dataset(str(scans), VALUE_MAP, CLASSES, size=[32, 48])
+    assert bundle.input_shape == (1, 32, 48) and bundle.class_names == CLASSES
+    assert len(bundle.train) == 12 and len(bundle.val) == 4 and len(bundle.test) == 4
+    assert set(bundle.train.targets.unique().tolist()) <= {0, 1, 2}
+    # 16-bit values read into [0, 1]: a narrow band around 20000 / 65535.
+    assert 0.29 < float(bundle.train.images.min()) and float(bundle.train.images.max()) < 0.37
+    standard = folder_dataset(str(scans), VALUE_MAP, CLASSES, standardize=True)
+    assert abs(float(standard.train.images.mean())) < 1e-4 and abs(float(standard.train.images.std()) - 1) < 1e-3
+
+
+def test_root_with_environment_variable(scans: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MY_SCANS", str(scans.parent))
+    bundle = folder_dataset(f"$MY_SCANS/{scans.name}", VALUE_MAP, CLASSES)
+    assert len(bundle.train) == 12
+
+
+def test_class_ids_outside_the_class_names_are_refused(scans: Path) -> None:
+    with pytest.raises(ValueError, match=r"class ids in \[0, 3\).*\[3\]"):
+        folder_dataset(str(scans), {0: 0, 128: 1, 255: 3}, CLASSES)
+    with pytest.raises(ValueError, match="ignore_index"):
+        folder_dataset(str(scans), VALUE_MAP, CLASSES, size=[40, 52])  # padding needs an ignore_index
+    with pytest.raises(FileNotFoundError, match="data.params.root"):
+        folder_dataset(str(scans / "nope"), VALUE_MAP, CLASSES)
+
+
+def test_fit_size_crops_around_the_centre_and_pads_with_the_ignore_index() -> None:
+    images = torch.arange(2 * 1 * 5 * 6, dtype=torch.float32).reshape(2, 1, 5, 6)
+    split = Split(images, torch.ones(2, 5, 6, dtype=torch.long))
+    cropped = fit_size(split, [3, 4], None)
+    assert torch.equal(cropped.images, images[:, :, 1:4, 1:5])
+    padded = fit_size(split, [7, 6], 255)
+    assert padded.images.shape == (2, 1, 7, 6) and float(padded.images[:, :, 0].abs().sum()) == 0
+    assert (padded.targets[:, 0] == 255).all() and (padded.targets[:, -1] == 255).all() and (padded.targets[:, 1:6] == 1).all()
+
+
+def test_own_scans_from_yaml_alone_train_evaluate_and_resume(scans: Path, tmp_path: Path) -> None:
+    raw = yaml.safe_load((ROOT / "examples" / "battery.yaml").read_text())
+    raw["data"] = {
+        "factory": "folder",
+        "params": {"root": str(scans), "value_map": VALUE_MAP, "class_names": CLASSES, "size": [32, 48]},
+    }
+    raw["run"]["output_dir"] = str(tmp_path / "runs")
+    raw["uncertainty"]["params"]["num_passes"] = 2
+    for stage in ("pretrain_large", "pretrain_base", "policy", "finetune"):
+        raw["training"][stage]["epochs"] = 1
+    config = tmp_path / "scans.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    runner = CliRunner()
+    assert runner.invoke(app, ["validate", str(config)]).exit_code == 0
+    result = runner.invoke(app, ["train", str(config)])
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "runs" / "battery"
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["data"]["params"]["value_map"] == VALUE_MAP  # int keys, as given
+    table = json.loads((run_dir / "metrics" / "test.json").read_text())
+    log = [json.loads(line) for line in (run_dir / "metrics" / "train_log.jsonl").read_text().splitlines()]
+    assert any("val/miou_f2_large" in row for row in log) and any("val/miou_f0" in row for row in log)
+    for command in (["evaluate", str(run_dir)], ["train", "--resume", str(run_dir)]):
+        again = runner.invoke(app, command)
+        assert again.exit_code == 0, again.output
+        assert json.loads((run_dir / "metrics" / "test.json").read_text()) == table
