@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import Result
 from typer.testing import CliRunner
 
 from routerkit.cli import app
@@ -72,6 +73,115 @@ def test_validate_ok_and_errors(tmp_path: Path) -> None:
     assert "paser" in typo.output  # suggestion / list of valid names
     missing = runner.invoke(app, ["validate", str(tmp_path / "nope.yaml")])
     assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def _fails_cleanly(result: Result, *needles: str) -> None:
+    """Exit code 2 with an ``error:`` line naming every needle, and no Python traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert "error:" in result.output and "Traceback" not in result.output
+    for needle in needles:
+        assert needle in result.output, (needle, result.output)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "zoo.models.0.model=nopkg.mod:Net",
+        "router.name=nopkg.mod:Router",
+        "uncertainty.name=nopkg.mod:Estimator",
+        "cost.name=nopkg.mod:Cost",
+        "partitioner.name=nopkg.mod:Grid",
+        "data.factory=nopkg.mod:build_data",
+        "data.factory=battery_plugin:no_such_factory",
+    ],
+)
+def test_validate_imports_dotted_paths(override: str) -> None:
+    field = override.partition("=")[0]
+    result = runner.invoke(app, ["validate", str(BATTERY), "-s", override])
+    _fails_cleanly(result, f"{field}:", "nopkg" if "nopkg" in override else "no_such_factory")
+
+
+@pytest.mark.parametrize(
+    ("override", "needles"),
+    [
+        ("router.params.widht=3", ["router.params:", "width", "'widht'"]),
+        ("uncertainty.params.passes=3", ["uncertainty.params:", "num_passes", "'passes'"]),
+        ("cost.params.base=share", ["cost.params:", "base_cost", "'base'"]),
+        ("partitioner.params.row=2", ["partitioner.params:", "rows, cols", "'row'"]),
+        ("zoo.models.1.params.channels=8", ["zoo.models.1.params:", "base_channels", "'channels'"]),
+        ("data.params.num_trian=8", ["data.params:", "num_train", "'num_trian'"]),
+    ],
+)
+def test_validate_checks_params_against_signatures(override: str, needles: list[str]) -> None:
+    _fails_cleanly(runner.invoke(app, ["validate", str(BATTERY), "-s", override]), *needles)
+
+
+def test_validate_builds_models_on_the_meta_device() -> None:
+    result = runner.invoke(app, ["validate", str(BATTERY), "-s", "zoo.models.2.params.dropout_at=nowhere"])
+    _fails_cleanly(result, "zoo.models.2 ('f2_large')", "dropout_at", "'nowhere'")
+
+
+def test_validate_reports_every_problem_at_once() -> None:
+    result = runner.invoke(app, ["validate", str(BATTERY), "-s", "router.params.widht=3", "-s", "zoo.models.1.params.depth=-1"])
+    _fails_cleanly(result, "router.params:", "zoo.models.1 ('f1_medium')")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_validate_checks_the_device_is_available(device: str) -> None:
+    _fails_cleanly(runner.invoke(app, ["validate", str(BATTERY), "-s", f"run.device={device}"]), "no CUDA device is available")
+
+
+@pytest.mark.parametrize(
+    ("override", "needles"),
+    [
+        ("zoo.models.0.params.dropout=[0.1]", ["zoo.models.0.params.dropout: Expected the dropout probability"]),
+        ("zoo.models.0.params.dropout=high", ["zoo.models.0.params.dropout:", "'high'"]),
+        ("training.policy.lr=.inf", ["training.policy.lr: Expected a finite number"]),
+        ("training.policy.lr=1.0e30", ["training.policy.lr: Expected a value less than or equal to 10"]),
+        ("training.pretrain_base.beta=.inf", ["training.pretrain_base.beta: Expected a finite number"]),
+        ("run.seed=100000000000000000000", ["run.seed:"]),
+        ("run.device=meta", ["run.device: Expected a device that can train", "'meta'"]),
+        ("training.policy.epochs=true", ["training.policy.epochs: Expected a valid integer but got True"]),
+        ("a.b=[1", ["Override 'a.b=[1'", "YAML"]),
+        ("partitioner.params.rows=0", ["partitioner.params: Expected rows >= 1"]),
+        ("uncertainty.params.num_passes=0", ["uncertainty.params: Expected num_passes >= 1"]),
+        ("router.params.init_bias=[1]", ["router.params: Expected init_bias of length 3"]),
+    ],
+)
+def test_validate_rejects_fuzzed_values(override: str, needles: list[str]) -> None:
+    _fails_cleanly(runner.invoke(app, ["validate", str(BATTERY), "-s", override]), *needles)
+
+
+def test_validate_rejects_an_output_dir_that_is_a_file(tmp_path: Path) -> None:
+    existing = tmp_path / "runs"
+    existing.write_text("a file")
+    result = runner.invoke(app, ["validate", str(BATTERY), "-s", f"run.output_dir={existing}"])
+    _fails_cleanly(result, "run.output_dir:", "is an existing file")
+
+
+def test_non_utf8_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "battery.yaml"
+    config.write_bytes(BATTERY.read_bytes() + "# r\xe9sum\xe9\n".encode("latin-1"))
+    for cmd in ("validate", "train"):
+        _fails_cleanly(runner.invoke(app, [cmd, str(config)]), str(config), "UTF-8")
+
+
+@pytest.mark.parametrize(
+    ("override", "needles"),
+    [
+        ("zoo.models.0.model=nopkg.mod:Net", ["zoo.models.0.model:", "nopkg"]),
+        ("router.name=nopkg.mod:Router", ["router.name:", "nopkg"]),
+        ("data.params.num_train=2", ["data (battery_plugin:build_data", "at least 3 training samples", "got 2"]),
+        ("zoo.models.1.params.num_classes=5", ["zoo.models.1 ('f1_medium')", "[1, 3, 8, 8]", "[1, 5, 8, 8]"]),
+        ("zoo.models.2.params.in_channels=3", ["zoo.models.2 ('f2_large')", "[1, 1, 8, 8]", "channels"]),
+        ("evaluation.expert_key=noise", ["evaluation.expert_key:", "fineness", "'noise'"]),
+    ],
+)
+def test_train_rejects_bad_configs_before_training(tmp_path: Path, override: str, needles: list[str]) -> None:
+    result = runner.invoke(app, ["train", str(BATTERY), "--run-dir", str(tmp_path / "r"), *_args(override)])
+    _fails_cleanly(result, *needles)
+    assert not (tmp_path / "r" / "metrics" / "train_log.jsonl").exists()
 
 
 def test_list() -> None:

@@ -160,8 +160,41 @@ def check_device(name: str) -> torch.device:
     return device
 
 
+def _build(field: str, factory: Callable[..., Any], kwargs: Mapping[str, Any]) -> Any:
+    """``factory(**kwargs)`` with the constructor's own argument checks reported under ``field``."""
+    try:
+        return factory(**kwargs)
+    except (TypeError, ValueError, KeyError) as err:
+        raise ConfigError(f"{field}: {_one_line(err)}") from None
+
+
+def _build_router(cfg: ExperimentConfig, factory: Callable[..., Any]) -> None:
+    """Build the router on the meta device with what the data will fix guessed (both kinds of state).
+
+    Reported only when it fails for a spatial and for a vector state alike: the data decide which it gets.
+    """
+    from routerkit.partitioners import create_partitioner
+
+    try:
+        grid_shape = create_partitioner(cfg.partitioner.name, **cfg.partitioner.params).grid_shape
+    except Exception:  # reported by the partitioner check
+        return
+    kwargs = {"num_actions": len(cfg.zoo.models), "grid_shape": grid_shape, "in_channels": 3, **cfg.router.params}
+    errors = []
+    for spatial in (True, False):
+        try:
+            with torch.device("meta"):
+                factory(spatial=spatial, **kwargs)
+            return
+        except (TypeError, ValueError, KeyError) as err:
+            errors.append(err)
+        except Exception:  # needs real tensors or data: the real build checks it
+            return
+    raise ConfigError(f"router.params: {_one_line(errors[0])}")
+
+
 def _component_checks(cfg: ExperimentConfig, data_factory: bool) -> Iterable[Callable[[], None]]:
-    """One callable per component: resolve its name or dotted path and check its params."""
+    """One callable per component: resolve its name or dotted path, check its params, build it (no data needed)."""
     from routerkit.costs import COSTS
     from routerkit.partitioners import PARTITIONERS
     from routerkit.rewards import ACCURACY_TERMS, REWARDS
@@ -169,11 +202,18 @@ def _component_checks(cfg: ExperimentConfig, data_factory: bool) -> Iterable[Cal
     from routerkit.uncertainty import ESTIMATORS
 
     def component(
-        section: str, registry: Registry[Any], name: str, params: Mapping[str, Any], supplied: Iterable[str] = ()
+        section: str,
+        registry: Registry[Any],
+        name: str,
+        params: Mapping[str, Any],
+        supplied: Iterable[str] = (),
+        build: Callable[[Callable[..., Any]], Any] | None = None,
     ) -> Callable[[], None]:
         def check() -> None:
             factory = resolve_component(f"{section}.name", name, registry)
             check_params(f"{section}.params", factory, params, supplied)
+            if build is not None:
+                build(factory)
 
         return check
 
@@ -183,16 +223,22 @@ def _component_checks(cfg: ExperimentConfig, data_factory: bool) -> Iterable[Cal
 
         return check
 
+    def build_with(section: str, params: Mapping[str, Any]) -> Callable[[Callable[..., Any]], Any]:
+        return lambda factory: _build(f"{section}.params", factory, params)
+
     def data() -> None:
         factory = resolve_data_factory(cfg.data.factory)
         check_params("data.params", factory, cfg.data.params)
 
     if data_factory:
         yield data
-    yield component("partitioner", PARTITIONERS, cfg.partitioner.name, cfg.partitioner.params)
-    yield component("uncertainty", ESTIMATORS, cfg.uncertainty.name, cfg.uncertainty.params)
-    yield component("cost", COSTS, cfg.cost.name, cfg.cost.params)
-    yield component("router", ROUTERS, cfg.router.name, cfg.router.params, ROUTER_ARGUMENTS)
+    p, u, c = cfg.partitioner, cfg.uncertainty, cfg.cost
+    yield component("partitioner", PARTITIONERS, p.name, p.params, build=build_with("partitioner", p.params))
+    yield component("uncertainty", ESTIMATORS, u.name, u.params, build=build_with("uncertainty", u.params))
+    yield component("cost", COSTS, c.name, c.params, build=build_with("cost", c.params))
+    yield component(
+        "router", ROUTERS, cfg.router.name, cfg.router.params, ROUTER_ARGUMENTS, build=functools.partial(_build_router, cfg)
+    )
     yield named("reward.name", REWARDS, cfg.reward.name, ("lam",))
     yield named("reward.accuracy", ACCURACY_TERMS, cfg.reward.accuracy, ("num_classes", "ignore_index"))
 

@@ -421,11 +421,16 @@ def train(
     with RunLock(path):
         if resume is None:
             _prepare_new_run_dir(path, overwrite)
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        t0 = time.perf_counter()
+        exp = build_experiment(cfg)  # a config or data error leaves no run behind to --overwrite
+        if resume is None:
             atomic_write_bytes(path / "config.yaml", dump_config(cfg).encode())
             run_info = {"plugin_dirs": list(plugin_dirs or []), "routerkit_version": _version(), "run_id": new_run_id()}
             atomic_write_json(path / "run.json", run_info)
             record_trusted_run(path)  # created here by this user: evaluate/compare/resume need no --trust-remote-code
-        return _train_locked(cfg, path, resume is not None, console)
+        return _train_locked(exp, path, resume is not None, console, t0)
 
 
 def _prepare_new_run_dir(path: Path, overwrite: bool) -> None:
@@ -472,13 +477,12 @@ def _info(logs: dict[str, float]) -> str:
     return "  ".join(f"{k.split('/')[-1]}={logs[k]:.4f}" for k in keys)
 
 
-def _train_locked(cfg: ExperimentConfig, path: Path, resuming: bool, console: Console) -> tuple[Path, list[EvalResult]]:
+def _train_locked(
+    exp: Experiment, path: Path, resuming: bool, console: Console, t0: float
+) -> tuple[Path, list[EvalResult]]:
     """The body of `train`, run while holding the run directory's lock."""
+    cfg = exp.config
     resume = path if resuming else None
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
-    t0 = time.perf_counter()
-    exp = build_experiment(cfg)
     console.print(
         f"[bold]routerkit[/bold] run [cyan]{path}[/cyan]: {len(exp.data.train)} train "
         f"(D_PT {len(exp.parts['pt'])} / D_RL {len(exp.parts['rl'])} / D_FT {len(exp.parts['ft'])}), "

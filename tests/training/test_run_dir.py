@@ -100,3 +100,12 @@ def test_epochs_logged_but_not_checkpointed_are_logged_once_after_resume(
     assert epochs.count(("policy", 0)) == 1
     assert len(epochs) == len(set(epochs))
     assert [e for s, e in epochs if s == "policy"] == [0, 1, 2]
+
+
+def test_a_rejected_config_leaves_no_run_to_overwrite(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConfigError):
+        run_mod.train(_cfg("data.params.num_train=2"), run_dir=run_dir)
+    assert not (run_dir / "config.yaml").exists()
+    run_mod.train(_cfg(), run_dir=run_dir)  # the retry needs no --overwrite
+    assert (run_dir / "checkpoints" / "final.safetensors").exists()
