@@ -46,8 +46,8 @@ class FixedRouter(Router):
     def flops_module(self) -> torch.nn.Module:
         return self.paser.policy
 
-    def state_tensor(self, state: BaseOutput) -> torch.Tensor:
-        return self.paser.state_tensor(state)
+    def policy_input(self, state: BaseOutput) -> torch.Tensor:
+        return self.paser.policy_input(state)
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:

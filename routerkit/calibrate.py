@@ -1,6 +1,6 @@
 """Budget calibration: move one knob of a trained router until its realised cost hits a target.
 
-The knob depends on the router and moves cost monotonically:
+The router names its knob (`Router.budget_knob`), which moves cost monotonically:
 
 - `PaSeRRouter`: a bias ``-b * (C_i - C_0)`` added to the logits (costlier models lose more).
 - `IDKCascade`: an offset ``o``, thresholds ``mean + o * std`` of each stage's uncertainty.
@@ -13,14 +13,13 @@ per input (or the share of units sent to models other than ``f_0``) is within ``
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from routerkit.config.build import Experiment
 from routerkit.flops import FLOP_CONVENTION
 from routerkit.metrics import seeded_rng
 from routerkit.replay import UnitTable, build_unit_table, decide, routed_flops
-from routerkit.routers import IDKCascade, OptimalStoppingCascade, PaSeRRouter, Router
+from routerkit.routers import Router
 
 
 @dataclass
@@ -67,30 +66,6 @@ def _measure(exp: Experiment, router: Router, table: UnitTable, metric: str) -> 
     return value, table.mean_iou(actions)
 
 
-def _knob(router: Router, val_table: UnitTable) -> tuple[str, Callable[[float], None], float, float, bool]:
-    """``(name, setter, low, high, increasing)``: increasing = higher value, higher cost."""
-    if isinstance(router, PaSeRRouter):
-        costs = val_table.costs - val_table.costs[0]
-
-        def set_bias(b: float) -> None:
-            router.logit_bias.copy_((-b * costs).to(router.logit_bias))
-
-        return "logit_bias", set_bias, -200.0, 200.0, False
-    if isinstance(router, IDKCascade):
-
-        def set_offset(o: float) -> None:
-            router.set_thresholds(router.thresholds_at(val_table, o))
-
-        return "threshold_offset", set_offset, -10.0, 10.0, False
-    if isinstance(router, OptimalStoppingCascade):
-
-        def set_stop(b: float) -> None:
-            router.stop_bias.fill_(b)
-
-        return "stop_bias", set_stop, -50.0, 50.0, False
-    raise ValueError(f"calibrate supports PaSeR, IDK and optimal-stopping routers, not {type(router).__name__}.")
-
-
 def calibrate(
     exp: Experiment,
     target: float,
@@ -126,13 +101,16 @@ def calibrate(
             exp.pipeline, exp.accuracy, data.test, data.num_classes, cfg.compare.batch_size, data.ignore_index, device
         )
     router = exp.router.cpu().eval()
-    name, setter, low, high, _ = _knob(router, val_t)
+    knob = router.budget_knob(val_t)
+    if knob is None:
+        raise ValueError(f"calibrate supports PaSeR, IDK and optimal-stopping routers, not {type(router).__name__}.")
+    name, setter, low, high = knob.name, knob.set, knob.low, knob.high
 
     def cost_at(value: float) -> float:
         setter(value)
         return _measure(exp, router, val_t, metric)[0]
 
-    # cost decreases as the knob grows: bisection on [low, high]
+    # bisection on [low, high]; cost falls as the knob grows unless the knob says otherwise
     c_low, c_high = cost_at(low), cost_at(high)
     best, best_err = low, abs(c_low - target)
     if abs(c_high - target) < best_err:
@@ -145,7 +123,7 @@ def calibrate(
             best, best_err = mid, abs(c - target)
         if best_err <= tolerance * target:
             break
-        if c > target:
+        if (c > target) != knob.increasing:
             lo = mid
         else:
             hi = mid

@@ -1,7 +1,10 @@
 """Batched execution of routing decisions and FLOP accounting.
 
-The executor groups units by the model chosen for them, runs each model **once** on its
-stacked units and scatters the outputs back: the only Python loop is over the m models.
+The executor is the only place that runs the costlier models. It groups units by the model
+chosen for them, runs each model **once** on its stacked units and scatters the outputs back
+(the only Python loop is over the m models); it runs cascades stage by stage (`run_cascade`),
+asking the router which units stop; and it scores the whole zoo on a batch (`all_unit_probs`)
+for the replay table and the oracle.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from routerkit.flops import count_flops
+from routerkit.functional import entropy, unit_mean, unit_mean_probs
 from routerkit.models import Zoo
 from routerkit.partitioners import Partitioner
+from routerkit.routers.base import Router
 from routerkit.uncertainty.base import UncertaintyEstimator
 
 
@@ -70,7 +75,7 @@ class Executor:
             idx = torch.nonzero(flat == index, as_tuple=True)[0]
             if idx.numel() == 0:
                 continue
-            z = self._forward(self.zoo[index], units[idx])
+            z = self.forward(self.zoo[index], units[idx])
             logits[index] = (idx, z)
             probs = torch.softmax(z.detach().float(), dim=1)
             if out is None:
@@ -80,7 +85,56 @@ class Executor:
             raise ValueError("No unit was routed anywhere (empty batch?).")
         return Execution(out, logits)
 
-    def _forward(self, model: nn.Module, units: Tensor) -> Tensor:
+    def all_unit_probs(self, units: Tensor, base_unit_probs: Tensor) -> list[Tensor]:
+        """Every model's probabilities on every unit: ``[f_0's (given), f_1's, ..., f_m's]``, each ``[U, K, ...]``.
+
+        The one place that scores the whole zoo on a batch, shared by the replay table
+        (`routerkit.replay.build_unit_table`) and the oracle's live decisions.
+        """
+        return [base_unit_probs, *(torch.softmax(self.forward(self.zoo[i], units).float(), 1) for i in range(1, len(self.zoo)))]
+
+    @torch.no_grad()
+    def run_cascade(
+        self, units: Tensor, base_unit_probs: Tensor, base_unit_uncertainty: Tensor, router: Router
+    ) -> tuple[Tensor, Tensor]:
+        """Run a cascade stage by stage, asking ``router.stop`` after each stage which units stop.
+
+        Stage 0 is ``f_0`` (already run on the whole input); a unit that goes on is run by ``f_1``,
+        and so on; the last model always answers. The stop rule sees each unit's mean class
+        probabilities and mean uncertainty (``f_0``: the estimator's; later stages: the softmax
+        entropy), as in `CascadeRouter.decide_table`.
+
+        Args:
+            units: ``[U, C, ...]`` inputs of the units.
+            base_unit_probs: ``[U, K, ...]`` ``f_0``'s probabilities per unit.
+            base_unit_uncertainty: ``[U, ...]`` ``f_0``'s uncertainty per unit.
+            router: A cascade (``router.is_cascade``).
+
+        Returns:
+            ``(actions [U], unit_probs [U, K, ...])``: the last model each unit reached and its output.
+        """
+        if not router.is_cascade:
+            raise ValueError(f"Expected a cascade router but got {type(router).__name__}.")
+        probs = base_unit_probs.clone()
+        actions = torch.zeros(units.shape[0], dtype=torch.long, device=units.device)
+        active = ~router.stop(0, unit_mean_probs(probs), unit_mean(base_unit_uncertainty))
+        num_models = len(self.zoo)
+        for i in range(1, num_models):
+            idx = torch.nonzero(active, as_tuple=True)[0]
+            if idx.numel() == 0:
+                break
+            p = torch.softmax(self.forward(self.zoo[i], units[idx]).float(), 1)
+            probs[idx] = p.to(probs.dtype)
+            actions[idx] = i
+            if i == num_models - 1:
+                break
+            go_on = ~router.stop(i, unit_mean_probs(p), unit_mean(entropy(p)))
+            active = torch.zeros_like(active)
+            active[idx[go_on]] = True
+        return actions, probs
+
+    def forward(self, model: nn.Module, units: Tensor) -> Tensor:
+        """``model`` on ``units``, in chunks of at most ``max_units``."""
         step = self.max_units or units.shape[0]
         outs: list[Tensor] = [model(units[i : i + step]) for i in range(0, units.shape[0], step)]
         return outs[0] if len(outs) == 1 else torch.cat(outs)

@@ -111,3 +111,40 @@ def linear_schedule(start: float, end: float, step: int, total: int) -> float:
         return end
     frac = min(max(step / (total - 1), 0.0), 1.0)
     return start + (end - start) * frac
+
+
+def paid_counts(actions: Tensor, num_actions: int, cascade: bool = False) -> Tensor:
+    """What each unit paid: ``[..., A]`` int64, 1 for every model charged to the unit.
+
+    The one charging rule of routerkit, used alike by live routing, the replay table, rewards,
+    IDK's loss and optimal stopping's reward. A pick-first router pays the model it chose
+    (a one-hot of ``actions``); a cascade pays every stage it reached: a unit that ended at
+    model ``a`` ran ``f_0 .. f_a``. Column 0 (``f_0``) is 1 for every unit; whether ``f_0``'s
+    whole-input pass is charged per unit or per input is the caller's convention.
+
+    Args:
+        actions: ``[...]`` final model index of each unit.
+        num_actions: Models A = m + 1.
+        cascade: Whether the unit also paid the stages before the one that answered.
+
+    Example:
+        >>> paid_counts(torch.tensor([0, 2]), 3, cascade=True).tolist()
+        [[1, 0, 0], [1, 1, 1]]
+    """
+    onehot = torch.nn.functional.one_hot(actions, num_actions)
+    return onehot.flip(-1).cumsum(-1).flip(-1) if cascade else onehot
+
+
+def paid_cost(actions: Tensor, costs: Tensor, cascade: bool = False) -> Tensor:
+    """Total normalised cost ``[...]`` each unit paid under `paid_counts` (``costs [A]`` per model)."""
+    return (paid_counts(actions, costs.shape[-1], cascade).to(costs.dtype) * costs).sum(-1)
+
+
+def unit_mean_probs(unit_probs: Tensor) -> Tensor:
+    """Mean class probabilities of each unit, ``[U, K, ...] -> [U, K]`` (the features of a stop rule)."""
+    return unit_probs.flatten(2).mean(-1) if unit_probs.dim() > 2 else unit_probs
+
+
+def unit_mean(x: Tensor) -> Tensor:
+    """Mean of a per-pixel map over each unit, ``[U, ...] -> [U]``."""
+    return x.flatten(1).mean(1) if x.dim() > 1 else x

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, cast
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from routerkit.costs import CostModel
 from routerkit.executor import Execution, Executor, FlopAccountant
+from routerkit.functional import paid_counts
 from routerkit.models import Zoo
 from routerkit.partitioners import Partitioner
-from routerkit.routers.base import Router
+from routerkit.routers.base import Router, RouterSpec
 from routerkit.uncertainty import BaseOutput, SoftmaxEntropy, UncertaintyEstimator
 
 
@@ -136,9 +135,13 @@ class RoutedPipeline:
                 f"inputs (index {shown}); clean or drop them before routing."
             )
 
+    def router_spec(self, num_classes: int, spatial: bool) -> RouterSpec:
+        """What every router of this pipeline is built from (`routerkit.routers.create_router`'s ``router_spec``)."""
+        return RouterSpec(self.num_actions, self.partitioner.grid_shape, num_classes, spatial)
+
     def base_passes(self, router: Router) -> int:
         """Forwards of ``f_0`` on the whole input that routing with ``router`` costs."""
-        if not getattr(router, "uses_base", True):
+        if not router.uses_base:
             return 0
         return self.estimator.num_passes if router.uses_uncertainty else 1
 
@@ -165,9 +168,7 @@ class RoutedPipeline:
         module = router.flops_module()
         if module is None:
             return 0
-        state_fn = getattr(router, "state_tensor", None)
-        state = state_fn(base) if callable(state_fn) else base.state()
-        return self.accountant.module_flops(module, tuple(state.shape[1:]))
+        return self.accountant.module_flops(module, tuple(router.policy_input(base).shape[1:]))
 
     def route(
         self,
@@ -194,18 +195,32 @@ class RoutedPipeline:
             Stitched probabilities, decisions and FLOPs per input.
         """
         self.check_input(x)
-        if getattr(router, "needs_targets", False):
-            if targets is None:
-                raise ValueError(f"{type(router).__name__} needs the targets: pass targets= to route().")
-            router.prepare(self, x, targets)  # type: ignore[operator]
+        if router.needs_targets and targets is None:
+            raise ValueError(f"{type(router).__name__} needs the targets: pass targets= to route().")
         base = self.base_output(x, router)
+        part = self.partitioner
         if router.is_cascade:
-            actions, unit_probs = router.cascade(self, x, base)  # type: ignore[operator]
-            probs = self.partitioner.stitch(unit_probs, x.shape[0])
+            unit_unc = part.split(base.uncertainty.unsqueeze(1)).squeeze(1)
+            flat, unit_probs = self.executor.run_cascade(part.split(x), part.split(base.probs), unit_unc, router)
+            actions = flat.reshape(x.shape[0], part.num_units)
+            probs = part.stitch(unit_probs, x.shape[0])
             return RoutedOutput(probs, actions, self.flops(actions, router, base), base, Execution(unit_probs))
         with torch.no_grad():
-            actions = router.route(base, greedy=greedy, generator=generator)
+            if router.needs_targets:
+                assert targets is not None
+                actions = self._labelled_decisions(x, targets, base, router)
+            else:
+                actions = router.route(base, greedy=greedy, generator=generator)
         return self.execute(x, base, actions, router)
+
+    def _labelled_decisions(self, x: Tensor, targets: Tensor, base: BaseOutput, router: Router) -> Tensor:
+        """An oracle's decisions: every model scored on every unit (by the executor) against the labels."""
+        part = self.partitioner
+        units, unit_targets = part.split(x), part.split(targets)
+        every = self.executor.all_unit_probs(units, part.split(base.probs))
+        scores = torch.stack([router.unit_scores(p, unit_targets) for p in every], -1)
+        scores = scores.reshape(x.shape[0], part.num_units, self.num_actions)
+        return router.best_actions(scores, self.costs.to(scores))
 
     __call__ = route
 
@@ -216,11 +231,11 @@ class RoutedPipeline:
         the units: the chosen one, or for a cascade every stage up to the chosen one plus the
         stop decision taken after each of those stages.
         """
-        counts = F.one_hot(actions, self.num_actions).sum(1)
+        cascade = router is not None and router.is_cascade
+        counts = paid_counts(actions, self.num_actions, cascade).sum(1)  # a cascade's unit that reached f_i paid f_1..f_i
         policy: float | Tensor = self.policy_flops(router, base) if router is not None else 0
-        if router is not None and router.is_cascade:
-            counts = counts.flip(-1).cumsum(-1).flip(-1)  # a unit that reached f_i paid f_1..f_i
-            decisions = torch.tensor([*cast(Any, router).decision_flops(), 0], dtype=torch.float64)
+        if router is not None and cascade:
+            decisions = torch.tensor([*router.decision_flops(), 0], dtype=torch.float64)
             policy = policy + (counts.double().cpu() * decisions).sum(-1)  # a stop decision at every stage reached
         return self.accountant.per_input(self.base_flops(router), policy, counts)
 

@@ -139,14 +139,7 @@ def build_experiment(cfg: ExperimentConfig, data: DataBundle | None = None) -> E
         raise ConfigError(f"uncertainty/cost: {err}") from None
     spatial = len(input_shape) == 3 and data.train.targets.dim() == 3
     try:
-        router = create_router(
-            cfg.router.name,
-            num_actions=len(zoo),
-            grid_shape=partitioner.grid_shape,
-            in_channels=data.num_classes + 1,
-            spatial=spatial,
-            **cfg.router.params,
-        )
+        router = create_router(cfg.router.name, router_spec=pipeline.router_spec(data.num_classes, spatial), **cfg.router.params)
         reward = create_reward(cfg.reward.name, lam=cfg.reward.lam)
         accuracy = create_accuracy(cfg.reward.accuracy, num_classes=data.num_classes, ignore_index=data.ignore_index)
     except (ImportError, KeyError, TypeError, ValueError) as err:

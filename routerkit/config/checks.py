@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 #: Keyword arguments routerkit passes to a router itself (``router.params`` must not set them).
-ROUTER_ARGUMENTS = ("num_actions", "grid_shape", "in_channels", "spatial")
+ROUTER_ARGUMENTS = ("num_actions", "grid_shape", "in_channels", "num_classes", "spatial")
 #: Keyword arguments a task model gets from the data when it takes them and its params do not set them.
 MODEL_DATA_ARGUMENTS = ("in_channels", "num_classes")
 _META_UNSUPPORTED = re.compile(r"\bmeta\b", re.IGNORECASE)
@@ -179,7 +179,7 @@ def _build_router(cfg: ExperimentConfig, factory: Callable[..., Any]) -> None:
         grid_shape = create_partitioner(cfg.partitioner.name, **cfg.partitioner.params).grid_shape
     except Exception:  # reported by the partitioner check
         return
-    kwargs = {"num_actions": len(cfg.zoo.models), "grid_shape": grid_shape, "in_channels": 3, **cfg.router.params}
+    kwargs = {"num_actions": len(cfg.zoo.models), "grid_shape": grid_shape, "num_classes": 2, **cfg.router.params}
     errors = []
     for spatial in (True, False):
         try:

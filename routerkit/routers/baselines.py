@@ -12,8 +12,7 @@ from routerkit.routers.base import Router, register_router
 from routerkit.uncertainty import BaseOutput
 
 if TYPE_CHECKING:
-    from routerkit.pipeline import RoutedPipeline
-    from routerkit.replay import UnitTable
+    from routerkit.unit_table import UnitTable
 
 
 @register_router("random")
@@ -77,14 +76,15 @@ class SingleModelRouter(Router):
 class OracleRouter(Router):
     """The oracle: per unit, the model with the highest reward *with the labels known*.
 
-    The upper bound of every router's reward on a split. Before routing a batch it runs every
-    model on every unit (`prepare`, called by `RoutedPipeline.route` with ``targets``); its
-    reported FLOPs count only what a perfect router would run (one pass of ``f_0`` and the
-    chosen models), not this look-ahead. It is an evaluation tool, not a deployable router.
+    The upper bound of every router's reward on a split. It decides from every model's per-unit
+    scores (`unit_scores` of each model's probabilities against the labels, `best_actions`), which
+    the executor computes when `RoutedPipeline.route` is given ``targets`` (and the replay table
+    holds); its reported FLOPs count only what a perfect router would run (one pass of ``f_0`` and
+    the chosen models), not this look-ahead. It is an evaluation tool, not a deployable router.
 
     Args:
         num_actions: Models m + 1.
-        num_classes: Classes K of the accuracy term; default ``in_channels - 1``.
+        num_classes: Classes K of the accuracy term; default ``in_channels - 1`` (at least 2).
         lam: Cost weight of PaSeR's reward.
         accuracy: Accuracy term name (``"iou"``, ``"correct"``, ``"neg_ce"``).
         ignore_index: Label ignored by the accuracy term.
@@ -109,30 +109,17 @@ class OracleRouter(Router):
         self.reward = PaSeRReward(lam)
         classes = max(self.in_channels - 1, 2) if num_classes is None else num_classes
         self.accuracy = create_accuracy(accuracy, num_classes=classes, ignore_index=ignore_index)
-        self._pending: Tensor | None = None
 
-    @torch.no_grad()
-    def prepare(self, pipeline: RoutedPipeline, x: Tensor, targets: Tensor) -> None:
-        """Score every model on every unit of the batch and keep the best action per unit."""
-        part = pipeline.partitioner
-        units, unit_targets = part.split(x), part.split(targets)
-        acc = [self.accuracy(part.split(torch.softmax(pipeline.zoo.base(x).float(), 1)), unit_targets)]
-        for i in range(1, pipeline.num_actions):
-            acc.append(self.accuracy(torch.softmax(pipeline.zoo[i](units).float(), 1), unit_targets))
-        table = torch.stack(acc, -1).reshape(x.shape[0], part.num_units, pipeline.num_actions)
-        self._pending = self.best_actions(table, pipeline.costs.to(table))
+    def unit_scores(self, unit_probs: Tensor, unit_targets: Tensor) -> Tensor:
+        """The accuracy term ``[U]`` of one model's per-unit probabilities."""
+        return self.accuracy(unit_probs, unit_targets)
 
-    def best_actions(self, accuracy: Tensor, costs: Tensor) -> Tensor:
+    def best_actions(self, scores: Tensor, costs: Tensor) -> Tensor:
         """Arg-max of the reward ``[N, P]`` from per-unit accuracies ``[N, P, A]`` (NaN counts as -inf)."""
+        accuracy = scores
         rewards = self.reward(accuracy, accuracy[..., :1].expand_as(accuracy), costs.expand_as(accuracy))
         return torch.nan_to_num(rewards, nan=-torch.inf).argmax(-1)
 
     def decide_table(self, table: UnitTable) -> Tensor:
         """The oracle's decisions ``[N, P]`` on a replayed table (its accuracy term)."""
         return self.best_actions(table.accuracy, table.costs)
-
-    def _route(self, state: BaseOutput, greedy: bool, generator: torch.Generator | None) -> Tensor:
-        pending, self._pending = self._pending, None
-        if pending is None or pending.shape[0] != state.probs.shape[0]:
-            raise RuntimeError("The oracle needs the labels: route with RoutedPipeline.route(x, router, targets=y).")
-        return pending.to(state.probs.device)

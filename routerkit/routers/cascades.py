@@ -6,9 +6,10 @@ ran. The stage rule sees per-unit features of that stage's output: the unit's me
 probabilities and its mean uncertainty (``f_0``: the estimator's, e.g. MC-dropout entropy;
 later stages: the softmax entropy).
 
-Both cascades decide identically from live outputs (`CascadeRouter.cascade`, used by
-`RoutedPipeline.route`) and from a replayed `UnitTable` (`CascadeRouter.decide_table`), which
-is how their thresholds and stop policies are fitted in seconds.
+A cascade only decides (`CascadeRouter.stop`); the executor runs the stages
+(`routerkit.executor.Executor.run_cascade`, used by `RoutedPipeline.route`). It decides
+identically from a replayed `UnitTable` (`CascadeRouter.decide_table`), which is how its
+thresholds and stop policies are fitted in seconds.
 """
 
 from __future__ import annotations
@@ -21,23 +22,11 @@ import torch
 from torch import Tensor, nn
 
 from routerkit.flops import count_flops
-from routerkit.functional import entropy
-from routerkit.routers.base import Router, register_router
-from routerkit.uncertainty import BaseOutput
+from routerkit.functional import paid_cost
+from routerkit.routers.base import BudgetKnob, Router, register_router
 
 if TYPE_CHECKING:
-    from routerkit.pipeline import RoutedPipeline
-    from routerkit.replay import UnitTable
-
-
-def _spatial_mean(x: Tensor) -> Tensor:
-    """Mean class probabilities of each unit: ``[U, K, ...] -> [U, K]``."""
-    return x.flatten(2).mean(-1) if x.dim() > 2 else x
-
-
-def _unit_mean(x: Tensor) -> Tensor:
-    """Mean of a per-pixel map over each unit: ``[U, ...] -> [U]``."""
-    return x.flatten(1).mean(1) if x.dim() > 1 else x
+    from routerkit.unit_table import UnitTable
 
 
 class CascadeRouter(Router):
@@ -65,45 +54,6 @@ class CascadeRouter(Router):
         has no multiply-adds; a learned stop policy overrides this with its network's count.
         """
         return [0] * (self.num_actions - 1)
-
-    def _route(self, state: BaseOutput, greedy: bool, generator: torch.Generator | None) -> Tensor:
-        raise RuntimeError(
-            f"{type(self).__name__} is a cascade: it decides stage by stage on the models' outputs. "
-            "Route with RoutedPipeline.route(x, router) (or decide_table on a replayed UnitTable)."
-        )
-
-    @torch.no_grad()
-    def cascade(self, pipeline: RoutedPipeline, x: Tensor, base: BaseOutput) -> tuple[Tensor, Tensor]:
-        """Run the cascade on a batch.
-
-        Args:
-            pipeline: The routed pipeline (zoo, partitioner, executor).
-            x: ``[B, *input_shape]`` inputs.
-            base: ``f_0``'s output on ``x``.
-
-        Returns:
-            ``(actions [B, P], unit_probs [B * P, K, ...])``: the last model each unit reached and its output.
-        """
-        part, num_models = pipeline.partitioner, pipeline.num_actions
-        batch = x.shape[0]
-        units = part.split(x)
-        probs = part.split(base.probs).clone()
-        unc = _unit_mean(part.split(base.uncertainty.unsqueeze(1)).squeeze(1))
-        actions = torch.zeros(units.shape[0], dtype=torch.long, device=x.device)
-        active = ~self.stop(0, _spatial_mean(probs), unc)
-        for i in range(1, num_models):
-            idx = torch.nonzero(active, as_tuple=True)[0]
-            if idx.numel() == 0:
-                break
-            p = torch.softmax(pipeline.executor._forward(pipeline.zoo[i], units[idx]).float(), 1)
-            probs[idx] = p.to(probs.dtype)
-            actions[idx] = i
-            if i == num_models - 1:
-                break
-            go_on = ~self.stop(i, _spatial_mean(p), _unit_mean(entropy(p)))
-            active = torch.zeros_like(active)
-            active[idx[go_on]] = True
-        return actions.reshape(batch, part.num_units), probs
 
     @torch.no_grad()
     def decide_table(self, table: UnitTable) -> Tensor:
@@ -151,6 +101,14 @@ class IDKCascade(CascadeRouter):
             raise ValueError(f"Expected {self.thresholds.numel()} thresholds but got {t.numel()}.")
         self.thresholds.copy_(t)
 
+    def budget_knob(self, table: UnitTable) -> BudgetKnob:
+        """An offset ``o`` (std units): thresholds ``mean + o * std`` of each stage's uncertainty on ``table``."""
+
+        def set_offset(o: float) -> None:
+            self.set_thresholds(self.thresholds_at(table, o))
+
+        return BudgetKnob("threshold_offset", set_offset, -10.0, 10.0)
+
     @staticmethod
     def stage_statistics(table: UnitTable) -> tuple[Tensor, Tensor]:
         """Mean and std of each stage's per-unit uncertainty ``([m], [m])``."""
@@ -160,8 +118,7 @@ class IDKCascade(CascadeRouter):
     @staticmethod
     def paid_costs(table: UnitTable, actions: Tensor) -> Tensor:
         """``[N, P]`` normalised cost of every stage each unit ran (``f_0`` included)."""
-        cum = table.costs.cumsum(0)
-        return cum[actions]
+        return paid_cost(actions, table.costs, cascade=True)
 
     @torch.no_grad()
     def fit_grid(self, table: UnitTable, lam: float, steps: int = 21, max_combinations: int = 20000) -> dict[str, float]:
@@ -288,8 +245,8 @@ class OptimalStoppingCascade(CascadeRouter):
     is_trainable = True
 
     def __init__(self, num_actions: int, num_classes: int | None = None, hidden: int = 16, **kwargs: object) -> None:
-        super().__init__(num_actions, **kwargs)  # type: ignore[arg-type]
-        num_classes = self.in_channels - 1 if num_classes is None else num_classes
+        super().__init__(num_actions, num_classes=num_classes, **kwargs)  # type: ignore[arg-type]
+        num_classes = self.num_classes
         if num_classes < 1:
             raise ValueError(f"Expected num_classes >= 1 (or in_channels = K + 1 >= 2) but got {num_classes}.")
         self.num_classes = num_classes
@@ -307,6 +264,14 @@ class OptimalStoppingCascade(CascadeRouter):
 
     def stop(self, stage: int, unit_probs: Tensor, unit_uncertainty: Tensor) -> Tensor:
         return self.stop_logits(stage, unit_probs, unit_uncertainty) + self.stop_bias.to(unit_probs.device) > 0
+
+    def budget_knob(self, table: UnitTable) -> BudgetKnob:
+        """A bias ``b`` added to every stop logit: more units stop early as ``b`` grows."""
+
+        def set_stop(b: float) -> None:
+            self.stop_bias.fill_(b)
+
+        return BudgetKnob("stop_bias", set_stop, -50.0, 50.0)
 
     def decision_flops(self) -> list[int]:
         """fvcore FLOPs of each stop policy on one unit's ``K + 2`` features (measured once)."""
@@ -341,7 +306,8 @@ class OptimalStoppingCascade(CascadeRouter):
         feats_u = table.uncertainty[..., : a - 1].reshape(n * p, a - 1).float()
         per_unit_loss = (table.loss if loss == "ce" else 1.0 - table.accuracy).reshape(n * p, a).float()
         per_unit_loss = torch.nan_to_num(per_unit_loss, nan=0.0)
-        rewards_all = -per_unit_loss - alpha * table.costs.cumsum(0).float()  # [U, A]
+        every_stop = torch.arange(a)
+        rewards_all = -per_unit_loss - alpha * paid_cost(every_stop, table.costs, cascade=True).float()  # [U, A]
         generator = torch.Generator().manual_seed(seed)
         opt = torch.optim.Adam(self.parameters(), lr=lr)
         self.train()

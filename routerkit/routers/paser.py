@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from routerkit.routers.base import Router, register_router
+from routerkit.routers.base import BudgetKnob, Router, register_router
 from routerkit.routers.policy_nets import ConvPolicy, MLPPolicy
 from routerkit.uncertainty import BaseOutput
+
+if TYPE_CHECKING:
+    from routerkit.unit_table import UnitTable
 
 
 @register_router("paser")
@@ -28,6 +32,7 @@ class PaSeRRouter(Router):
         spatial: Spatial (conv policy) or vector (MLP policy) state.
         width: Conv policy width (``hidden`` for the MLP policy).
         init_bias: Optional initial logit of each action (e.g. a prior towards ``f_0``).
+        num_classes: Classes K (the state then has K + 1 channels; overrides ``in_channels``).
     """
 
     is_trainable = True
@@ -40,8 +45,10 @@ class PaSeRRouter(Router):
         spatial: bool = True,
         width: int = 12,
         init_bias: list[float] | None = None,
+        num_classes: int | None = None,
     ) -> None:
-        super().__init__(num_actions, grid_shape, in_channels, spatial)
+        super().__init__(num_actions, grid_shape, in_channels, spatial, num_classes)
+        in_channels = self.in_channels
         self.policy: nn.Module
         if spatial:
             self.policy = ConvPolicy(in_channels, num_actions, self.grid_shape, width)
@@ -70,13 +77,13 @@ class PaSeRRouter(Router):
         state_dict.setdefault(prefix + "logit_bias", torch.zeros_like(self.logit_bias))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
 
-    def state_tensor(self, state: BaseOutput) -> Tensor:
+    def policy_input(self, state: BaseOutput) -> Tensor:
         """The policy input ``[B, K + 1, ...]`` (uncertainty scaled to [0, 1])."""
         return torch.cat([state.probs, (state.uncertainty * self.entropy_scale).unsqueeze(1)], dim=1)
 
     def logits(self, state: BaseOutput) -> Tensor:
         """Per-unit action logits ``[B, P, A]``."""
-        x = self.state_tensor(state)
+        x = self.policy_input(state)
         if x.shape[1] != self.in_channels:
             raise ValueError(f"Expected a state with {self.in_channels} channels (K + 1) but got {x.shape[1]}.")
         return self.policy(x)
@@ -90,3 +97,12 @@ class PaSeRRouter(Router):
 
     def flops_module(self) -> nn.Module:
         return self.policy
+
+    def budget_knob(self, table: UnitTable) -> BudgetKnob:
+        """A bias ``-b * (C_i - C_0)`` on the logits: costlier models lose more as ``b`` grows."""
+        costs = table.costs - table.costs[0]
+
+        def set_bias(b: float) -> None:
+            self.logit_bias.copy_((-b * costs).to(self.logit_bias))
+
+        return BudgetKnob("logit_bias", set_bias, -200.0, 200.0)

@@ -281,7 +281,7 @@ def test_conv_policy_is_paper_sized() -> None:
 def test_paser_state_scales_uncertainty() -> None:
     router = PaSeRRouter(A, in_channels=K + 1, spatial=False)
     state = vector_state()
-    x = router.state_tensor(state)
+    x = router.policy_input(state)
     assert x.shape == (6, K + 1)
     assert torch.equal(x[:, :K], state.probs)
     assert torch.allclose(x[:, K], state.uncertainty / math.log(K))
