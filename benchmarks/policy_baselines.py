@@ -19,8 +19,9 @@ import time
 
 import torch
 
+from routerkit.training.policy import PolicyTraining, replay_cache
 from routerkit.training.runner import load_run
-from routerkit.training.stages import PolicyTraining, StageSettings, replay_cache
+from routerkit.training.schedules import StageSettings
 from routerkit.uncertainty import BaseOutput
 
 
@@ -66,10 +67,10 @@ def main() -> None:
                     exp.parts["rl"],
                     settings,
                     seed,
-                    cfg.alpha_start,
-                    cfg.alpha_end,
-                    baseline,
-                    credit,
+                    alpha_start=cfg.alpha_start,
+                    alpha_end=cfg.alpha_end,
+                    baseline=baseline,
+                    credit=credit,
                 )
                 stage._cache = train_cache
                 for epoch in range(args.epochs):

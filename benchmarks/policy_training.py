@@ -29,7 +29,8 @@ from routerkit.functional import explore_exploit_sample
 from routerkit.models import UNet
 from routerkit.rewards import PaSeRReward, UnitIoU
 from routerkit.routers import PaSeRRouter
-from routerkit.training.stages import PolicyTraining, StageSettings
+from routerkit.training.policy import PolicyTraining
+from routerkit.training.schedules import StageSettings
 
 
 def main() -> None:

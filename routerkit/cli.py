@@ -221,9 +221,10 @@ def calibrate(
     Saves the calibrated router as checkpoint 'calibrated' and calibration.json; evaluate it with
     `routerkit evaluate RUN_DIR --checkpoint calibrated`.
     """
+    from routerkit._io import atomic_write_json
     from routerkit.calibrate import calibrate as run_calibrate
-    from routerkit.training.checkpoint import atomic_write_json, save_checkpoint
-    from routerkit.training.runner import _model_state
+    from routerkit.training.checkpoint import save_checkpoint
+    from routerkit.training.weights import model_state
 
     if (target_gflops is None) == (target_share is None):
         _fail("give exactly one of --target-gflops X or --target-share S.")
@@ -237,7 +238,7 @@ def calibrate(
     save_checkpoint(
         run_dir,
         "calibrated",
-        {"model": _model_state(exp)},
+        {"model": model_state(exp)},
         {"stage": "calibrated", "calibration": result.to_dict()},
         update_latest=False,
     )

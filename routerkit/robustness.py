@@ -19,13 +19,13 @@ import torch
 from rich.console import Console
 from torch import Tensor
 
+from routerkit._io import atomic_write_bytes, atomic_write_json
 from routerkit.config.build import Experiment
 from routerkit.data import Split
 from routerkit.flops import FLOP_CONVENTION
 from routerkit.metrics import EvalResult, evaluate_router
 from routerkit.pipeline import RoutedPipeline
 from routerkit.routers import RandomRouter, Router
-from routerkit.training.checkpoint import atomic_write_bytes, atomic_write_json
 
 __all__ = ["RobustnessReport", "noise_robustness", "salt_and_pepper", "write_robustness"]
 
@@ -111,7 +111,7 @@ def noisy_variants(
     exp: Experiment, amount: float, epochs: int, init: str = "scratch", seed: int = 0, console: Console | None = None
 ) -> RoutedPipeline:
     """A copy of the pipeline whose large models are trained on clean + noisy D_PT (``f_0`` untouched)."""
-    from routerkit.training.stages import LargeModelPretraining, StageSettings
+    from routerkit.training.pretraining import LargeModelPretraining
 
     if init not in ("scratch", "continue"):
         raise ValueError(f"Expected init 'scratch' or 'continue' but got {init!r}.")
@@ -127,8 +127,9 @@ def noisy_variants(
     noisy = salt_and_pepper(pt.images.cpu(), amount, g).to(pt.images.device)
     data = Split(torch.cat([pt.images, noisy]), torch.cat([pt.targets, pt.targets]))
     p = exp.config.training.pretrain_large
-    settings = StageSettings(epochs, p.lr, p.batch_size, p.weight_decay, p.lr_schedule)
-    stage = LargeModelPretraining(pipeline, data, settings, seed, exp.data.ignore_index, p.augment)
+    stage = LargeModelPretraining.from_config(
+        p, pipeline=pipeline, data=data, seed=seed, ignore_index=exp.data.ignore_index, epochs=epochs
+    )
     for epoch in range(epochs):
         logs = stage.train_epoch(epoch)
         if console is not None:

@@ -12,7 +12,8 @@ from routerkit.functional import confusion_counts
 from routerkit.models import ToyClassifier
 from routerkit.rewards import Correctness, PaSeRReward
 from routerkit.routers import PaSeRRouter, RandomRouter, SingleModelRouter
-from routerkit.training.stages import PolicyTraining, StageSettings, replay_cache
+from routerkit.training.policy import PolicyTraining, replay_cache
+from routerkit.training.schedules import StageSettings
 
 D = 6
 K = 3

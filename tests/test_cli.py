@@ -222,7 +222,8 @@ def test_resume_continues_an_interrupted_run(
     from routerkit.config import load_config
     from routerkit.config.build import add_plugin_path
     from routerkit.training import runner as run_mod
-    from routerkit.training.stages import JointFineTuning, PolicyTraining
+    from routerkit.training.finetune import JointFineTuning
+    from routerkit.training.policy import PolicyTraining
 
     add_plugin_path(BATTERY.parent)
     cfg = load_config(BATTERY, TINY)
@@ -469,7 +470,7 @@ RUN_CORRUPTIONS: dict[str, tuple[Callable[[Path], None], bool, list[str]]] = {
 @pytest.fixture
 def copy_of_tiny_run(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A copy of the tiny run to corrupt; loading it is about its files, not about trusting its plugin code."""
-    from routerkit.training import runner as run_mod
+    from routerkit.training import run_dir as run_mod
 
     monkeypatch.setattr(run_mod, "check_run_trust", lambda *args, **kwargs: None, raising=False)
     run_dir = tmp_path / "run"

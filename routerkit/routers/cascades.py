@@ -14,7 +14,6 @@ thresholds and stop policies are fitted in seconds.
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import TYPE_CHECKING, cast
 
@@ -72,10 +71,10 @@ class CascadeRouter(Router):
 class IDKCascade(CascadeRouter):
     """IDK cascade: a unit moves on from stage ``i`` while its uncertainty exceeds ``thresholds[i]``.
 
-    Thresholds come from `fit_grid` (grid search between mean - 1 std and mean + 1 std of each
-    stage's uncertainty on a validation table, minimising ``CE + lambda_IDK * C``, the PaSeR
-    paper's Eq. 5) or `fit_iou` (one offset in std units shared by every stage, tuned until the
-    cascade's IoU matches a target).
+    Thresholds come from `routerkit.training.fitters.fit_idk_grid` (grid search between mean - 1 std
+    and mean + 1 std of each stage's uncertainty on a validation table, minimising
+    ``CE + lambda_IDK * C``, the PaSeR paper's Eq. 5) or `~routerkit.training.fitters.fit_idk_iou`
+    (one offset in std units shared by every stage, tuned until the cascade's IoU matches a target).
 
     Args:
         num_actions: Models m + 1.
@@ -121,93 +120,10 @@ class IDKCascade(CascadeRouter):
         return paid_cost(actions, table.costs, cascade=True)
 
     @torch.no_grad()
-    def fit_grid(self, table: UnitTable, lam: float, steps: int = 21, max_combinations: int = 20000) -> dict[str, float]:
-        """Grid-search the thresholds on ``table`` for the loss ``CE + lam * C`` (Eq. 5).
-
-        Each stage's grid spans mean - 1 std .. mean + 1 std of its uncertainty. When
-        ``steps ** m`` exceeds ``max_combinations`` the grid is searched by coordinate descent.
-
-        Returns:
-            The selected thresholds' loss, mean CE and mean cost.
-        """
-        mean, std = self.stage_statistics(table)
-        grids = [torch.linspace(float(mu - sd), float(mu + sd), steps) for mu, sd in zip(mean, std, strict=True)]
-
-        def objective(values: Tensor) -> tuple[float, float, float]:
-            self.set_thresholds(values)
-            actions = self.decide_table(table)
-            ce = float(table.gather(table.loss, actions).mean())
-            cost = float(self.paid_costs(table, actions).mean())
-            return ce + lam * cost, ce, cost
-
-        best: tuple[float, float, float] | None = None
-        best_values = torch.stack([g[-1] for g in grids])
-        if steps ** len(grids) <= max_combinations:
-            for combo in itertools.product(*[range(steps)] * len(grids)):
-                values = torch.stack([g[j] for g, j in zip(grids, combo, strict=True)])
-                score = objective(values)
-                if best is None or score[0] < best[0]:
-                    best, best_values = score, values
-        else:
-            values = best_values.clone()
-            for _ in range(3):
-                for s, grid in enumerate(grids):
-                    for v in grid:
-                        trial = values.clone()
-                        trial[s] = v
-                        score = objective(trial)
-                        if best is None or score[0] < best[0]:
-                            best, best_values = score, trial
-                    values = best_values.clone()
-        self.set_thresholds(best_values)
-        assert best is not None
-        return {"loss": best[0], "ce": best[1], "cost": best[2]}
-
-    @torch.no_grad()
     def thresholds_at(self, table: UnitTable, offset: float) -> Tensor:
         """Thresholds ``mean + offset * std`` of every stage."""
         mean, std = self.stage_statistics(table)
         return mean + offset * std
-
-    @torch.no_grad()
-    def fit_iou(self, table: UnitTable, target: float, tol: float = 1e-3, span: float = 4.0) -> dict[str, float]:
-        """Tune one offset (in std units, shared by every stage) until the table's IoU matches ``target``.
-
-        Scans offsets in ``[-span, span]`` then bisects the bracket around the target. If the
-        target is out of reach, keeps the closest setting and reports ``matched = 0``.
-
-        Returns:
-            ``offset``, realised ``iou``, ``matched`` (1.0 / 0.0).
-        """
-
-        def iou_at(offset: float) -> float:
-            self.set_thresholds(self.thresholds_at(table, offset))
-            return table.mean_iou(self.decide_table(table))
-
-        offsets = torch.linspace(span, -span, 161).tolist()  # high offset = few forwards = low IoU
-        ious = [iou_at(o) for o in offsets]
-        best = min(range(len(offsets)), key=lambda j: abs(ious[j] - target))
-        best_offset, best_iou = offsets[best], ious[best]
-        for j in range(len(offsets) - 1):
-            lo, hi = ious[j], ious[j + 1]
-            if abs(best_iou - target) <= tol:
-                break
-            if (lo - target) * (hi - target) <= 0:
-                a, b = offsets[j], offsets[j + 1]
-                for _ in range(40):
-                    mid = 0.5 * (a + b)
-                    v = iou_at(mid)
-                    if abs(v - target) < abs(best_iou - target):
-                        best_offset, best_iou = mid, v
-                    if abs(v - target) <= tol:
-                        break
-                    if (v - target) * (lo - target) > 0:
-                        a, lo = mid, v
-                    else:
-                        b = mid
-        self.set_thresholds(self.thresholds_at(table, best_offset))
-        return {"offset": best_offset, "iou": best_iou, "matched": float(abs(best_iou - target) <= tol)}
-
 
 class StopPolicy(nn.Module):
     """Guan et al.'s per-stage stop policy: a small MLP on ``[mean probs (K), uncertainty, max prob]``."""
@@ -232,7 +148,8 @@ class OptimalStoppingCascade(CascadeRouter):
     """Guan et al. (2018) optimal-stopping cascade: after each stage a policy ``pi_t`` stops or forwards.
 
     The policies are trained by REINFORCE with a baseline on the reward
-    ``-loss(final model) - alpha * sum of the costs paid`` (`fit`), from a replayed `UnitTable`.
+    ``-loss(final model) - alpha * sum of the costs paid``, from a replayed `UnitTable`
+    (`routerkit.training.fitters.fit_optimal_stopping`).
     At evaluation a unit stops where ``pi_t(stop) > 0.5``.
 
     Args:
@@ -279,62 +196,3 @@ class OptimalStoppingCascade(CascadeRouter):
             policies = [cast(StopPolicy, p) for p in self.policies]
             self._decision_flops = [count_flops(p.net, (p.in_features,)) for p in policies]
         return list(self._decision_flops)
-
-    def fit(
-        self,
-        table: UnitTable,
-        alpha: float,
-        epochs: int = 60,
-        lr: float = 1e-2,
-        batch_size: int = 512,
-        loss: str = "ce",
-        seed: int = 0,
-    ) -> dict[str, float]:
-        """Train the stop policies by REINFORCE on ``table``.
-
-        The reward of a unit that stops at stage ``a`` is ``-loss_a - alpha * sum_{i <= a} C(f_i)``,
-        with ``loss_a`` the unit's cross-entropy (``loss="ce"``) or ``1 - accuracy term``
-        (``loss="acc"``) and ``C`` the normalised costs. The baseline is the batch mean reward.
-
-        Returns:
-            Mean reward of the greedy policy on ``table`` after training.
-        """
-        if loss not in ("ce", "acc"):
-            raise ValueError(f"Expected loss 'ce' or 'acc' but got {loss!r}.")
-        n, p, a = table.accuracy.shape
-        feats_p = table.unit_probs[:, :, : a - 1].reshape(n * p, a - 1, -1).float()
-        feats_u = table.uncertainty[..., : a - 1].reshape(n * p, a - 1).float()
-        per_unit_loss = (table.loss if loss == "ce" else 1.0 - table.accuracy).reshape(n * p, a).float()
-        per_unit_loss = torch.nan_to_num(per_unit_loss, nan=0.0)
-        every_stop = torch.arange(a)
-        rewards_all = -per_unit_loss - alpha * paid_cost(every_stop, table.costs, cascade=True).float()  # [U, A]
-        generator = torch.Generator().manual_seed(seed)
-        opt = torch.optim.Adam(self.parameters(), lr=lr)
-        self.train()
-        total = n * p
-        for _ in range(epochs):
-            order = torch.randperm(total, generator=generator)
-            for start in range(0, total, batch_size):
-                idx = order[start : start + batch_size]
-                logits = torch.stack([self.stop_logits(i, feats_p[idx, i], feats_u[idx, i]) for i in range(a - 1)], -1)
-                stop_prob = torch.sigmoid(logits)
-                draws = torch.rand(stop_prob.shape, generator=generator) < stop_prob.detach()
-                draws = torch.cat([draws, torch.ones(len(idx), 1, dtype=torch.bool)], -1)
-                final = draws.long().argmax(-1)  # first stop
-                logp_stop = nn.functional.logsigmoid(logits)
-                logp_go = nn.functional.logsigmoid(-logits)
-                steps = torch.arange(a - 1).unsqueeze(0)
-                went_on = (steps < final.unsqueeze(1)).float()
-                stopped_here = (steps == final.unsqueeze(1)).float()
-                logp = (went_on * logp_go + stopped_here * logp_stop).sum(-1)
-                reward = rewards_all[idx].gather(1, final.unsqueeze(1)).squeeze(1)
-                advantage = reward - reward.mean()
-                objective = -(logp * advantage).mean()
-                opt.zero_grad(set_to_none=True)
-                objective.backward()
-                opt.step()
-        self.eval()
-        with torch.no_grad():
-            actions = self.decide_table(table).reshape(-1)
-            realised = rewards_all.gather(1, actions.unsqueeze(1)).mean()
-        return {"mean_reward": float(realised)}

@@ -13,9 +13,7 @@ files, which the next `save_checkpoint` into the same folder removes.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from routerkit._io import atomic_write_bytes as atomic_write_bytes  # re-exported: atomic IO lives in routerkit._io
+from routerkit._io import atomic_write_json as atomic_write_json
 from routerkit.config import ConfigError
 
 LATEST = "latest.json"
@@ -37,28 +37,6 @@ class CheckpointError(ConfigError):
 
     A `ConfigError`, so the command line prints it as an error rather than a traceback.
     """
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file + fsync + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically."""
-    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
 
 
 def _flatten(prefix: str, obj: Any, tensors: dict[str, Tensor], meta: Any = None) -> Any:

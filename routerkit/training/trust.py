@@ -32,8 +32,8 @@ from typing import Any
 
 import yaml
 
+from routerkit._io import atomic_write_json
 from routerkit.config import ConfigError
-from routerkit.training.checkpoint import atomic_write_json
 
 __all__ = [
     "TRUST_FLAG",

@@ -39,7 +39,7 @@ from routerkit.partitioners import PatchGrid  # noqa: E402
 from routerkit.pipeline import RoutedPipeline  # noqa: E402
 from routerkit.rewards import PaSeRReward, create_accuracy  # noqa: E402
 from routerkit.routers import create_router  # noqa: E402
-from routerkit.training.stages import _ce  # noqa: E402
+from routerkit.training.pretraining import _ce  # noqa: E402
 
 # Fixture size of the tests: 32 x 64 images, 2 cities x 2 images per split.
 _H, _W = 32, 64

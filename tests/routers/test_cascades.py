@@ -23,6 +23,7 @@ from routerkit.routers import (
     RandomRouter,
     SingleModelRouter,
 )
+from routerkit.training.fitters import fit_idk_grid, fit_idk_iou, fit_optimal_stopping
 
 
 @pytest.fixture
@@ -53,7 +54,7 @@ def test_idk_grid_search_finds_the_cheap_perfect_cascade(known: tuple[RoutedPipe
     pipe, split = known
     table = build_unit_table(pipe, Correctness(K), split, K)
     idk = IDKCascade(3, in_channels=K + 1)
-    fit = idk.fit_grid(table, lam=0.1, steps=11)
+    fit = fit_idk_grid(idk, table, lam=0.1, steps=11)
     acc, actions, flops = _accuracy(pipe, idk, split)
     group = split.images[:, 1].long()
     assert acc == 1.0
@@ -82,7 +83,7 @@ def test_optimal_stopping_learns_to_stop_where_the_stage_is_right(known: tuple[R
     table = build_unit_table(pipe, Correctness(K), split, K)
     torch.manual_seed(0)
     cascade = OptimalStoppingCascade(3, in_channels=K + 1)
-    out = cascade.fit(table, alpha=0.2, epochs=150, lr=3e-2, batch_size=32)
+    out = fit_optimal_stopping(cascade, table, alpha=0.2, epochs=150, lr=3e-2, batch_size=32)
     acc, actions, _ = _accuracy(pipe, cascade, split)
     group = split.images[:, 1].long()
     assert acc == 1.0, actions
@@ -90,7 +91,7 @@ def test_optimal_stopping_learns_to_stop_where_the_stage_is_right(known: tuple[R
     assert out["mean_reward"] > -0.2
     # with a huge cost weight it stops at f_0 everywhere
     stingy = OptimalStoppingCascade(3, in_channels=K + 1)
-    stingy.fit(table, alpha=50.0, epochs=60, lr=3e-2, batch_size=32)
+    fit_optimal_stopping(stingy, table, alpha=50.0, epochs=60, lr=3e-2, batch_size=32)
     assert bool((stingy.decide_table(table) == 0).all())
 
 
@@ -136,7 +137,7 @@ def test_oracle_bounds_every_router_reward(seg: tuple[RoutedPipeline, Split]) ->
         best = float(table.gather(rewards, oracle).nanmean())
         torch.manual_seed(0)
         idk = IDKCascade(3, grid_shape=(2, 2), in_channels=4)
-        idk.fit_grid(table, lam, steps=5)
+        fit_idk_grid(idk, table, lam, steps=5)
         candidates = [
             PaSeRRouter(3, grid_shape=(2, 2), in_channels=4, width=4).eval().route(table.base),
             RandomRouter(3, grid_shape=(2, 2)).route(table.base),
@@ -164,10 +165,10 @@ def test_idk_iou_match_mode(seg: tuple[RoutedPipeline, Split]) -> None:
         idk.set_thresholds(idk.thresholds_at(table, offset))
         reachable.append(table.mean_iou(idk.decide_table(table)))
     target = sorted(reachable)[len(reachable) // 2]
-    fit = idk.fit_iou(table, target)
+    fit = fit_idk_iou(idk, table, target)
     assert fit["matched"] == 1.0 and abs(fit["iou"] - target) <= 1e-3
     assert table.mean_iou(idk.decide_table(table)) == pytest.approx(fit["iou"])
-    unreachable = idk.fit_iou(table, 1.5)
+    unreachable = fit_idk_iou(idk, table, 1.5)
     assert unreachable["matched"] == 0.0 and unreachable["iou"] == pytest.approx(max(reachable))
     assert min(low, high) >= 0
 
@@ -178,7 +179,7 @@ def test_cascade_argument_errors() -> None:
     with pytest.raises(ValueError, match="num_classes"):
         OptimalStoppingCascade(3, in_channels=1)
     with pytest.raises(ValueError, match="loss 'ce' or 'acc'"):
-        OptimalStoppingCascade(3, in_channels=4).fit(None, 0.1, loss="mse")  # type: ignore[arg-type]
+        fit_optimal_stopping(OptimalStoppingCascade(3, in_channels=4), None, 0.1, loss="mse")  # type: ignore[arg-type]
 
 
 def test_stop_policies_are_charged_at_every_stage_a_unit_reached(seg: tuple[RoutedPipeline, Split]) -> None:

@@ -120,10 +120,10 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path: Path, monkeypatch:
             raise OSError("disk full")
         real_replace(src, dst)
 
-    monkeypatch.setattr(ckpt.os, "replace", flaky_replace)
+    monkeypatch.setattr(os, "replace", flaky_replace)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(tmp_path, "bad", {"w": torch.zeros(5)}, {"epoch": 2})
-    monkeypatch.setattr(ckpt.os, "replace", real_replace)
+    monkeypatch.setattr(os, "replace", real_replace)
 
     for name, data in before.items():
         assert (folder / name).read_bytes() == data, name
@@ -140,7 +140,7 @@ def test_atomic_write_bytes_cleans_up(tmp_path: Path, monkeypatch: pytest.Monkey
     def boom(src: str, dst: str) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ckpt.os, "replace", boom)
+    monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(KeyboardInterrupt):
         ckpt.atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"
@@ -188,7 +188,8 @@ def test_policy_stage_resumes_exactly_from_checkpoint(tmp_path: Path, tiny_seg_b
     from routerkit.models import ToySegmenter
     from routerkit.rewards import PaSeRReward, UnitIoU
     from routerkit.routers import PaSeRRouter
-    from routerkit.training.stages import PolicyTraining, StageSettings
+    from routerkit.training.policy import PolicyTraining
+    from routerkit.training.schedules import StageSettings
 
     def make() -> tuple[PolicyTraining, PaSeRRouter]:
         torch.manual_seed(0)
@@ -316,8 +317,8 @@ def test_a_killed_write_leaves_a_temp_file_the_next_save_removes(tmp_path: Path,
         raise SystemExit("killed")  # stands in for SIGKILL: the temp file stays (no cleanup runs after a real kill)
 
     save_checkpoint(tmp_path, "a", {"x": torch.ones(1)}, {})
-    monkeypatch.setattr(ckpt.os, "fsync", killed)
-    monkeypatch.setattr(ckpt.os, "unlink", lambda path: None)  # a real kill runs no except clause
+    monkeypatch.setattr(os, "fsync", killed)
+    monkeypatch.setattr(os, "unlink", lambda path: None)  # a real kill runs no except clause
     with pytest.raises(SystemExit):
         save_checkpoint(tmp_path, "b", {"x": torch.zeros(1)}, {})
     monkeypatch.undo()
@@ -402,7 +403,7 @@ MISMATCHES = {
 
 @pytest.mark.parametrize("case", list(MISMATCHES))
 def test_load_model_state_names_checkpoint_module_and_tensors(case: str) -> None:
-    from routerkit.training.runner import _load_model_state
+    from routerkit.training.weights import load_model_state as _load_model_state
 
     exp = _tiny_experiment()
     state = _model_state(_tiny_experiment())
@@ -420,7 +421,7 @@ def test_load_model_state_names_checkpoint_module_and_tensors(case: str) -> None
 
 
 def test_load_model_state_loads_a_good_state_and_unfitted_idk_thresholds() -> None:
-    from routerkit.training.runner import _load_model_state
+    from routerkit.training.weights import load_model_state as _load_model_state
 
     source, target = _tiny_experiment(), _tiny_experiment()
     for p in source.zoo.parameters():

@@ -13,7 +13,8 @@ from routerkit.models import UNet, Zoo
 from routerkit.partitioners import PatchGrid
 from routerkit.pipeline import RoutedPipeline
 from routerkit.training.model_quality import model_quality, recompute_bn_statistics
-from routerkit.training.stages import BaseModelPretraining, LargeModelPretraining, PretrainChecks, StageSettings
+from routerkit.training.pretraining import BaseModelPretraining, LargeModelPretraining, PretrainChecks
+from routerkit.training.schedules import StageSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 from battery_plugin.synthetic import generate_battery

@@ -16,7 +16,9 @@ from _known import K, KnownModel, known_setup, known_split
 from routerkit import RoutedPipeline, WholeInput, Zoo
 from routerkit.rewards import Correctness, PaSeRReward
 from routerkit.routers import PaSeRRouter
-from routerkit.training.stages import PolicyTraining, StageSettings, importance_weights
+from routerkit.training.policy import PolicyTraining
+from routerkit.training.reinforce import importance_weights
+from routerkit.training.schedules import StageSettings
 
 
 def _train(baseline: str, importance_weighting: bool, estimator: str = "reinforce") -> list[list[int]]:

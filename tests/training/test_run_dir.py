@@ -12,8 +12,8 @@ from routerkit.cli import app
 from routerkit.config import ConfigError, load_config
 from routerkit.config.build import add_plugin_path
 from routerkit.training import runner as run_mod
+from routerkit.training.policy import PolicyTraining
 from routerkit.training.run_lock import RunLock, RunLocked
-from routerkit.training.stages import PolicyTraining
 
 ROOT = Path(__file__).resolve().parents[2]
 BATTERY = ROOT / "examples" / "battery.yaml"

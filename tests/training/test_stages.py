@@ -12,7 +12,8 @@ from routerkit.data import Split
 from routerkit.models import ToySegmenter, Zoo
 from routerkit.partitioners import WholeInput
 from routerkit.pipeline import RoutedPipeline
-from routerkit.training.stages import LargeModelPretraining, StageSettings, _ce, lr_factor
+from routerkit.training.pretraining import LargeModelPretraining, _ce
+from routerkit.training.schedules import StageSettings, lr_factor
 
 
 def test_cross_entropy_of_an_all_ignored_batch_is_zero_not_nan() -> None:
@@ -27,7 +28,7 @@ def test_cross_entropy_of_an_all_ignored_batch_is_zero_not_nan() -> None:
 
 
 def test_classification_augmentation_flips_and_crops_images_only() -> None:
-    from routerkit.training.stages import _augment
+    from routerkit.training.augment import _augment
 
     images = torch.arange(4 * 3 * 16 * 16, dtype=torch.float32).reshape(4, 3, 16, 16)
     labels = torch.tensor([0, 1, 2, 3])

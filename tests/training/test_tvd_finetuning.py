@@ -13,7 +13,9 @@ from routerkit import RoutedPipeline
 from routerkit.replay import UnitTable
 from routerkit.rewards import Correctness, PaSeRReward
 from routerkit.routers import PaSeRRouter
-from routerkit.training.stages import PolicyFineTuning, PolicyTraining, StageSettings, policy_probs, total_variation
+from routerkit.training.policy import PolicyFineTuning, PolicyTraining
+from routerkit.training.reinforce import policy_probs, total_variation
+from routerkit.training.schedules import StageSettings
 
 LAM = 0.2  # unique optimum at this lambda: f_0 on group 0, f_1 on group 1 (f_2 is right everywhere but dearer)
 

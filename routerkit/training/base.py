@@ -1,0 +1,102 @@
+"""The base of the resumable training stages: named modules and optimisers, the epoch hooks, stage names.
+
+A stage fills in `Stage.run_epoch` (one epoch, returning the scalars to log); callers use
+`Stage.train_epoch`, which first sets the epoch's learning rates from ``settings.lr_schedule``.
+`Stage.state_dict` / `Stage.load_state_dict` (modules, optimisers, the stage's generator) let the
+runner checkpoint after every epoch and resume with the same random draws.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from routerkit.training.schedules import LR_SCHEDULES, StageSettings, lr_factor
+
+__all__ = ["Stage", "check_choice"]
+
+
+def check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raise ``ValueError("Expected <what> 'a', 'b' or 'c' but got ...")`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        listed = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}" if len(choices) > 1 else repr(choices[0])
+        raise ValueError(f"Expected {what} {listed} but got {value!r}.")
+
+
+class Stage:
+    """Base of the resumable stages: named optimisers and modules, epoch loop hooks.
+
+    Every concrete stage has its own `name` (it names the stage's checkpoints and log rows);
+    defining a second stage class with a name already taken raises ``ValueError``.
+
+    Args:
+        settings: Optimisation settings (epochs, learning rate, batch size, schedule).
+        seed: Seed of the stage's own generator (shuffling, augmentation, sampled actions).
+    """
+
+    name: str = "stage"
+    #: Stage name -> the class that took it (``module:qualname``).
+    _names: ClassVar[dict[str, str]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" not in cls.__dict__:  # an intermediate base, or a variant keeping its parent's name
+            return
+        owner = f"{cls.__module__}:{cls.__qualname__}"
+        taken = Stage._names.setdefault(cls.name, owner)
+        if taken != owner:
+            raise ValueError(f"Expected a unique stage name but {owner} takes {cls.name!r}, the name of {taken}.")
+
+    def __init__(self, settings: StageSettings, seed: int) -> None:
+        if settings.epochs < 0 or settings.batch_size < 1 or settings.lr <= 0:
+            raise ValueError(f"Expected epochs >= 0, batch_size >= 1 and lr > 0 for stage {self.name!r} but got {settings}.")
+        if settings.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"Expected lr_schedule in {LR_SCHEDULES} for stage {self.name!r} but got {settings.lr_schedule!r}.")
+        self.settings = settings
+        self.generator = torch.Generator().manual_seed(seed)
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.modules: dict[str, nn.Module] = {}
+        self._initial_lrs: dict[str, list[float]] = {}
+        #: Messages for the user (a model far worse in eval mode, below f_0, ...); the runner prints them.
+        self.warnings: list[str] = []
+
+    def run_epoch(self, epoch: int) -> dict[str, float]:
+        """One epoch of training (0-based ``epoch``); returns the scalars to log."""
+        raise NotImplementedError
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """Set the epoch's learning rates from ``settings.lr_schedule``, then `run_epoch`."""
+        self._record_initial_lrs()
+        factor = lr_factor(self.settings.lr_schedule, epoch, self.settings.epochs)
+        for key, optimizer in self.optimizers.items():
+            for group, initial in zip(optimizer.param_groups, self._initial_lrs[key], strict=True):
+                group["lr"] = initial * factor
+        return self.run_epoch(epoch)
+
+    def _record_initial_lrs(self) -> None:
+        """Remember each optimiser's rates as built (before a resume overwrites them with scheduled ones)."""
+        for key, optimizer in self.optimizers.items():
+            self._initial_lrs.setdefault(key, [float(g["lr"]) for g in optimizer.param_groups])
+
+    def num_steps(self) -> int:
+        """Optimisation steps per epoch (for progress bars)."""
+        return 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """Modules, optimisers and the generator's state."""
+        return {
+            "modules": {k: m.state_dict() for k, m in self.modules.items()},
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a `state_dict` (the optimisers' initial rates are kept for the schedule)."""
+        self._record_initial_lrs()
+        for k, m in self.modules.items():
+            m.load_state_dict(state["modules"][k])
+        for k, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+        self.generator.set_state(state["generator"].to(torch.uint8))

@@ -1,0 +1,180 @@
+"""Stage 3 of PaSeR's Algorithm 1: the large models and the policy fine-tuned together on D_FT.
+
+Unlike stage 2 nothing is replayed: the executor runs each large model on the units the policy
+sends it, with gradients. (The policy-only fine-tuning stopped at a TVD threshold is
+`routerkit.training.policy.PolicyFineTuning`.)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from routerkit.data import Split
+from routerkit.functional import explore_exploit_sample
+from routerkit.pipeline import RoutedPipeline
+from routerkit.rewards import AccuracyTerm, Reward
+from routerkit.routers.paser import PaSeRRouter
+from routerkit.training.base import Stage, check_choice
+from routerkit.training.model_quality import recompute_bn_statistics
+from routerkit.training.pretraining import _ce
+from routerkit.training.reinforce import BASELINES, importance_weights, policy_gradient_loss, reward_baseline
+from routerkit.training.schedules import StageSettings, linear_schedule
+
+if TYPE_CHECKING:
+    from routerkit.config.schema import FinetuneConfig
+
+__all__ = ["JointFineTuning"]
+
+
+class JointFineTuning(Stage):
+    """Stage 3: large models and policy together on D_FT (alpha ``alpha_start -> alpha_end``).
+
+    Per batch: ``f_0`` (frozen) gives the state, the policy samples a model per unit with the
+    explore/exploit rule, the executor runs each large model on its units *with gradients*;
+    each large model takes a cross-entropy step on the units routed to it (or on all units
+    with ``large_on="all"``), and the policy a REINFORCE step on the realised rewards.
+    Batch-norm layers of the large models keep their running statistics (``freeze_bn``): the
+    units routed to one model are few and skewed, and would corrupt them.
+    """
+
+    name = "finetune"
+
+    def __init__(
+        self,
+        pipeline: RoutedPipeline,
+        router: PaSeRRouter,
+        reward: Reward,
+        accuracy: AccuracyTerm,
+        data: Split,
+        settings: StageSettings,
+        seed: int,
+        *,
+        alpha_start: float = 0.95,
+        alpha_end: float = 1.0,
+        baseline: str = "mean",
+        credit: str = "unit",
+        entropy_coef: float = 0.0,
+        large_lr: float | None = None,
+        large_on: str = "routed",
+        ignore_index: int | None = None,
+        freeze_bn: bool = True,
+        importance_weighting: bool = True,
+    ) -> None:
+        super().__init__(settings, seed)
+        check_choice("large_on", large_on, ("routed", "all"))
+        check_choice("baseline", baseline, BASELINES)
+        self.pipeline, self.router, self.reward, self.accuracy, self.data = pipeline, router, reward, accuracy, data
+        self.alpha_start, self.alpha_end, self.baseline, self.credit = alpha_start, alpha_end, baseline, credit
+        self.entropy_coef, self.large_on, self.ignore_index = entropy_coef, large_on, ignore_index
+        self.freeze_bn, self.importance_weighting = freeze_bn, importance_weighting
+        self.modules["router"] = router
+        self.optimizers["router"] = torch.optim.Adam(router.parameters(), lr=settings.lr)
+        for i in range(1, len(pipeline.zoo)):
+            key = pipeline.zoo.names[i]
+            self.modules[key] = pipeline.zoo[i]
+            self.optimizers[key] = torch.optim.Adam(pipeline.zoo[i].parameters(), lr=large_lr or settings.lr)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: FinetuneConfig,
+        *,
+        pipeline: RoutedPipeline,
+        router: PaSeRRouter,
+        reward: Reward,
+        accuracy: AccuracyTerm,
+        data: Split,
+        seed: int,
+        ignore_index: int | None = None,
+    ) -> JointFineTuning:
+        """The stage of a ``training.finetune`` section (without ``tvd_threshold``).
+
+        Args:
+            config: The section (optimisation settings, alpha schedule, baseline, ``large_lr``, ``large_on``...).
+            pipeline: The routed pipeline.
+            router: The PaSeR router (trained by stage 2).
+            reward: Reward function.
+            accuracy: Per-unit accuracy term.
+            data: D_FT.
+            seed: Random seed.
+            ignore_index: Label ignored by the large models' loss.
+        """
+        return cls(
+            pipeline,
+            router,
+            reward,
+            accuracy,
+            data,
+            StageSettings.from_config(config),
+            seed,
+            alpha_start=config.alpha_start,
+            alpha_end=config.alpha_end,
+            baseline=config.baseline,
+            credit=config.credit,
+            entropy_coef=config.entropy_coef,
+            large_lr=config.large_lr,
+            large_on=config.large_on,
+            ignore_index=ignore_index,
+            freeze_bn=config.freeze_bn,
+            importance_weighting=config.importance_weighting,
+        )
+
+    def num_steps(self) -> int:
+        return -(-len(self.data) // self.settings.batch_size)
+
+    def run_epoch(self, epoch: int) -> dict[str, float]:
+        part, zoo = self.pipeline.partitioner, self.pipeline.zoo
+        costs = self.pipeline.costs.to(next(zoo.base.parameters()).device)
+        alpha = linear_schedule(self.alpha_start, self.alpha_end, epoch, self.settings.epochs)
+        zoo.base.eval()
+        sums: dict[str, float] = {}
+        n = len(self.data)
+        for images, targets in self.data.batches(self.settings.batch_size, shuffle=True, generator=self.generator):
+            base = self.pipeline.estimator(zoo.base, images)
+            self.router.train()
+            logits = self.router.logits(base)
+            actions = explore_exploit_sample(logits, alpha, self.generator)
+            for i in range(1, len(zoo)):
+                zoo[i].train()
+                if self.freeze_bn:  # routed subsets are small and skewed: keep the running statistics
+                    for m in zoo[i].modules():
+                        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                            m.eval()
+            units, unit_targets = part.split(images), part.split(targets)
+            execution = self.pipeline.executor.run(units, actions, part.split(base.probs))
+            # Large models: cross-entropy on their units.
+            logs: dict[str, float] = {}
+            for i, (idx, z) in execution.logits.items():
+                key = zoo.names[i]
+                if self.large_on == "all":
+                    z = zoo[i](units)
+                    idx = torch.arange(units.shape[0])
+                loss_i = _ce(z, unit_targets[idx], self.ignore_index)
+                self.optimizers[key].zero_grad(set_to_none=True)
+                loss_i.backward()
+                self.optimizers[key].step()
+                logs[f"losses/ce_{key}"] = float(loss_i.detach())
+            # Policy: REINFORCE on realised per-unit rewards.
+            with torch.no_grad():
+                acc_chosen = self.accuracy(execution.unit_probs, unit_targets).reshape(actions.shape)
+                acc_base = self.accuracy(part.split(base.probs), unit_targets).reshape(actions.shape)
+                rewards = self.reward(acc_chosen, acc_base, costs[actions])
+            weights = importance_weights(logits, actions, alpha) if self.importance_weighting else None
+            baseline = reward_baseline(self.baseline, rewards, None)
+            loss, pg_logs = policy_gradient_loss(logits, actions, rewards, baseline, self.credit, self.entropy_coef, weights)
+            self.optimizers["router"].zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizers["router"].step()
+            logs.update(pg_logs)
+            logs["charts/mean_reward"] = float(rewards.mean())
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v * images.shape[0]
+        out = {k: v / n for k, v in sums.items()}
+        out["charts/alpha"] = alpha
+        if not self.freeze_bn:  # the running averages saw only the skewed routed subsets: recompute them on D_FT
+            for i in range(1, len(zoo)):
+                recompute_bn_statistics(zoo[i], (part.split(x) for x, _ in self.data.batches(self.settings.batch_size)))
+        return out
