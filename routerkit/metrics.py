@@ -10,6 +10,7 @@ import torch
 
 from routerkit.data import Split
 from routerkit.flops import FLOP_CONVENTION
+from routerkit.frontier import Frontier
 from routerkit.functional import confusion_counts, iou_from_confusion
 from routerkit.pipeline import RoutedPipeline
 from routerkit.routers.base import Router
@@ -21,8 +22,9 @@ class EvalResult:
 
     ``mean_iou`` is the macro mean over classes of the IoU computed from the confusion matrix
     accumulated over the whole split; ``gflops`` is per input and counts everything that ran
-    (fvcore convention: one multiply-add = one flop); ``usage`` is the share of units sent to
-    each model.
+    (fvcore convention: one multiply-add = one flop), of which ``state_gflops`` is ``f_0``'s
+    state; ``usage`` is the share of units sent to each model. The ``hull_*`` fields place the
+    strategy against the single-model frontier (`against`).
     """
 
     name: str
@@ -34,6 +36,23 @@ class EvalResult:
     per_class_iou: list[float]
     num_inputs: int
     flop_convention: str = FLOP_CONVENTION
+    #: GFLOPs per input of ``f_0`` for the router's state (every MC pass, or one trunk + N heads), part of ``gflops``.
+    state_gflops: float = 0.0
+    #: The single-model frontier's mean IoU at this strategy's GFLOPs (`routerkit.frontier`); None until compared.
+    hull_quality: float | None = None
+    #: ``mean_iou - hull_quality``: positive when the strategy beats not routing at its cost.
+    hull_gain: float | None = None
+    #: GFLOPs the frontier needs to reach this strategy's mean IoU (inf: it cannot).
+    hull_gflops: float | None = None
+    #: ``1 - gflops / hull_gflops``: the share of the frontier's cost saved at equal quality (NaN: beyond it).
+    hull_saving: float | None = None
+
+    def against(self, frontier: Frontier) -> EvalResult:
+        """This result with its ``hull_*`` fields filled in from ``frontier`` (GFLOPs, mean IoU)."""
+        s = frontier.summary(self.gflops, self.mean_iou)
+        self.hull_quality, self.hull_gain = s["hull_quality"], s["hull_gain"]
+        self.hull_gflops, self.hull_saving = s["hull_cost"], s["hull_saving"]
+        return self
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready dictionary."""
@@ -107,6 +126,7 @@ def evaluate_router(
     accuracy = float(confusion.diagonal().sum() / confusion.sum().clamp_min(1))
     gflops = flops / len(split) / 1e9
     return EvalResult(
+        state_gflops=pipeline.base_flops(router) / 1e9,
         name=name,
         mean_iou=mean_iou,
         accuracy=accuracy,

@@ -505,3 +505,27 @@ def test_resume_removes_temp_files_of_a_killed_checkpoint_write(copy_of_tiny_run
     assert result.exit_code == 0, result.output
     left = {p.name for p in folder.iterdir()}
     assert not left & set(stale) and set(kept) <= left
+
+
+def test_every_strategy_is_judged_against_the_single_model_frontier(tiny_run: Path, tmp_path: Path) -> None:
+    table = json.loads((tiny_run / "metrics" / "test.json").read_text())["results"]
+    by_name = {r["name"]: r for r in table}
+    for r in table:
+        assert {"hull_quality", "hull_gain", "hull_saving", "state_gflops"} <= set(r)
+        if r["hull_quality"] is not None and r["hull_quality"] == r["hull_quality"]:  # not NaN
+            assert r["hull_gain"] == pytest.approx(r["mean_iou"] - r["hull_quality"])
+    for name in ("f0_small alone", "f1_medium alone", "f2_large alone"):
+        assert by_name[name]["hull_gain"] <= 1e-9  # single models are on or below their own frontier
+    assert by_name["f1_medium alone"]["state_gflops"] == 0.0 and by_name["PaSeR"]["state_gflops"] > 0
+    out = tmp_path / "cmp"
+    args = [x for item in COMPARE_TINY for x in ("-s", item)]
+    result = runner.invoke(app, ["compare", str(tiny_run), "--out", str(out), *args])
+    assert result.exit_code == 0, result.output
+    frontier = json.loads((out / "frontier.json").read_text())
+    assert frontier["frontier"]["apgr"] == pytest.approx(0.5) or len(frontier["frontier"]["points"]) > 2
+    assert {"paser", "idk", "optimal_stopping", "oracle"} <= set(frontier["families"])
+    for fam in frontier["families"].values():
+        assert {"apgr", "aiq", "max_hull_gain", "points"} <= set(fam)
+    rows = json.loads((out / "table1.json").read_text())["rows"]
+    assert all("hull_gain" in row["result"] for row in rows)
+    assert "vs frontier" in (out / "table1.md").read_text() and "APGR" in (out / "frontier.md").read_text()

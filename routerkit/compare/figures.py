@@ -45,7 +45,7 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def pareto_figure(report: CompareReport, path: Path) -> Path:
-    """Cost/quality figure: one curve per swept family, single models as points, the oracle as the frontier."""
+    """Cost/quality figure: one curve per swept family, single models as points, and the single-model frontier."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     families: dict[str, list[ParetoPoint]] = {}
@@ -58,6 +58,11 @@ def pareto_figure(report: CompareReport, path: Path) -> Path:
             ax.plot(xs, ys, _PARETO_STYLES[key], label=pts[0].family, markersize=4, linewidth=1.2)
         else:
             ax.plot(xs, ys, "*", markersize=11, label=pts[0].family)
+    if report.frontier:  # what the single models and their input-level mixes reach: the line to beat
+        hull = [(float(c), float(q)) for c, q in report.frontier["frontier"]["points"]]
+        right = max([p.gflops for p in report.pareto] + [hull[-1][0]])
+        fx, fy = [c for c, _ in hull] + [right], [q for _, q in hull] + [hull[-1][1]]
+        ax.plot(fx, fy, "--", color="0.35", linewidth=1.4, label="frontier (no router)")
     ax.set_xscale("log")
     ax.set_xlabel(f"GFLOPs per input (log; {FLOP_CONVENTION})")
     ax.set_ylabel("mean IoU")

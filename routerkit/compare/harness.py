@@ -23,12 +23,14 @@ from routerkit.compare.results import (
     PASER,
     RANDOM,
     CompareReport,
+    ParetoPoint,
     StrategyRow,
     single_key,
 )
 from routerkit.compare.sweeps import build_router, pareto_sweep, router_spec, train_paser_on_table, tvd_sweep
 from routerkit.config.build import Experiment
 from routerkit.config.schema import CompareConfig
+from routerkit.frontier import Frontier, sweep_summary
 from routerkit.metrics import evaluate_router, seeded_rng
 from routerkit.replay import UnitTable, build_unit_table, decide
 from routerkit.rewards import PaSeRReward
@@ -71,6 +73,18 @@ def expert_units(split: Any, key: str, grid_units: int) -> Tensor:
     if labels.dim() == 2 and labels.shape[1] == grid_units:
         return labels
     raise ValueError(f"Expected meta[{key!r}] of shape [N] or [N, {grid_units}] but got {tuple(labels.shape)}.")
+
+
+def pareto_frontier(points: list[ParetoPoint]) -> dict[str, Any]:
+    """APGR / AIQ of each swept family against the frontier of the single models' points (same replayed split)."""
+    singles = [(p.gflops, p.mean_iou) for p in points if p.key.startswith("single:")]
+    if not singles:
+        return {}
+    families: dict[str, tuple[str, list[tuple[float, float]]]] = {}
+    for p in points:
+        if not p.key.startswith("single:"):
+            families.setdefault(p.key, (p.family, []))[1].append((p.gflops, p.mean_iou))
+    return sweep_summary(families, singles)
 
 
 def compare_strategies(
@@ -157,6 +171,11 @@ def compare_strategies(
         rows.append(row)
     paser.to(device)
 
+    singles = [row.result for row in rows if row.key.startswith("single:")]
+    if singles:  # every row against the single models and their input-level mixes (live results)
+        frontier = Frontier.of([(r.gflops, r.mean_iou) for r in singles])
+        for row in rows:
+            row.result.against(frontier)
     report = CompareReport(settings.split, rows, {}, [], list(exp.zoo.names), expert_key)
     p_row, m_row = report.row(PASER), report.row(IDK_IOU_MATCH)
     report.table2 = {
@@ -174,6 +193,7 @@ def compare_strategies(
     }
     if settings.pareto:
         report.pareto = pareto_sweep(exp, settings, rl_t, val_t, test_t, paser, console)
+        report.frontier = pareto_frontier(report.pareto)
     if settings.tvd_thresholds:
         if run_dir is None:
             raise ValueError("compare.tvd_thresholds needs a trained run directory (its stage-2 policy checkpoint).")

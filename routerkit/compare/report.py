@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -36,12 +37,14 @@ def largest_gflops(report: CompareReport) -> float:
 def table1_markdown(report: CompareReport) -> str:
     """The paper's Table 1 as markdown, with Guan et al.'s error and FLOPs as a percentage of the largest model."""
     names = report.model_names
-    head = ["strategy", "mean IoU", "error", "GFLOPs", "FLOPs % of largest", "IoU/GigaFlop", "mean reward", "oracle gain share"]
-    head += [f"% {n}" for n in names]
+    head = ["strategy", "mean IoU", "error", "GFLOPs", "FLOPs % of largest", "IoU/GigaFlop", "vs frontier", "saving"]
+    head += ["mean reward", "oracle gain share", *[f"% {n}" for n in names]]
     largest = largest_gflops(report)
     lines = [
         f"Split: {report.split}. GFLOPs per input count every pass that ran ({FLOP_CONVENTION}); "
-        f"error = 1 - accuracy (per pixel for segmentation); FLOPs % relative to {names[-1]} alone.",
+        f"error = 1 - accuracy (per pixel for segmentation); FLOPs % relative to {names[-1]} alone. "
+        "vs frontier: mean IoU minus the best the single models and their input-level mixes reach at the same "
+        "GFLOPs (IoU points); saving: share of the GFLOPs that frontier needs for the same mean IoU.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -55,6 +58,8 @@ def table1_markdown(report: CompareReport) -> str:
             _fmt(r.gflops),
             f"{100 * r.gflops / largest:.1f}%",
             f"{r.iou_per_gflop:.2f}",
+            _points(r.hull_gain),
+            _share(r.hull_saving),
             _fmt(row.mean_reward),
             f"{100 * row.oracle_gain_share:.1f}%",
             *[f"{100 * u:.1f}" for u in r.usage],
@@ -166,14 +171,16 @@ def write_report(report: CompareReport, folder: Path) -> list[Path]:
     largest = largest_gflops(report)
     writer.writerow(
         ["strategy", "kind", "mean_iou", "error", "gflops_per_input", "flops_share_of_largest", "iou_per_gflop"]
-        + ["mean_reward", "oracle_gain_share", "agreement"]
+        + ["hull_quality", "hull_gain", "hull_saving", "mean_reward", "oracle_gain_share", "agreement"]
         + [f"usage_{n}" for n in report.model_names]
     )
     for row in report.rows:
         r = row.result
         writer.writerow(
             [row.name, row.kind, f"{r.mean_iou:.6f}", f"{1 - r.accuracy:.6f}", f"{r.gflops:.6f}"]
-            + [f"{r.gflops / largest:.6f}", f"{r.iou_per_gflop:.6f}", f"{row.mean_reward:.6f}"]
+            + [f"{r.gflops / largest:.6f}", f"{r.iou_per_gflop:.6f}"]
+            + ["" if v is None else f"{v:.6f}" for v in (r.hull_quality, r.hull_gain, r.hull_saving)]
+            + [f"{row.mean_reward:.6f}"]
             + [f"{row.oracle_gain_share:.6f}", f"{row.agreement:.6f}"]
             + [f"{u:.4f}" for u in r.usage]
         )
@@ -208,6 +215,10 @@ def write_report(report: CompareReport, folder: Path) -> list[Path]:
             )
         text("pareto.csv", buf.getvalue())
         written.append(pareto_figure(report, folder / "pareto.png"))
+    if report.frontier:
+        atomic_write_json(folder / "frontier.json", {"flop_convention": FLOP_CONVENTION, **report.frontier})
+        written.append(folder / "frontier.json")
+        text("frontier.md", frontier_markdown(report))
     if report.expert_key is not None:
         text("expert_assignment.md", expert_markdown(report))
         atomic_write_json(
@@ -231,10 +242,41 @@ def write_report(report: CompareReport, folder: Path) -> list[Path]:
     return written
 
 
+def _points(gain: float | None) -> str:
+    if gain is None:
+        return ""
+    return "n/a" if math.isnan(gain) else f"{100 * gain:+.2f}"
+
+
+def _share(saving: float | None) -> str:
+    if saving is None:
+        return ""
+    return "beyond" if math.isnan(saving) else f"{100 * saving:.0f}%"
+
+
+def frontier_markdown(report: CompareReport) -> str:
+    """Each swept family against the single-model frontier: APGR (RouteLLM) and AIQ (RouterBench)."""
+    f = report.frontier
+    lo, hi = f["cost_range"]
+    lines = [
+        f"Cost range {lo:.4f} .. {hi:.4f} GFLOPs per input: from the cheapest single model to the cheapest best one "
+        f"({FLOP_CONVENTION}). APGR: mean share of the quality gap between them recovered; AIQ: mean quality of the "
+        "family's non-decreasing hull over that range. The frontier (single models and their input-level mixes) "
+        "scores the first row; a router worth having scores above it.",
+        "",
+        "| family | APGR | AIQ (mean IoU) | best point vs frontier (IoU points) |",
+        "|---|---|---|---|",
+        f"| frontier (no router) | {f['frontier']['apgr']:.3f} | {f['frontier']['aiq']:.4f} | +0.00 |",
+    ]
+    for row in f["families"].values():
+        lines.append(f"| {row['family']} | {row['apgr']:.3f} | {row['aiq']:.4f} | {_points(row['max_hull_gain'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def print_report(report: CompareReport, console: Console) -> None:
     """Rich tables of Table 1 and Table 2."""
     table = Table(title=f"Table 1 — {report.split} split, GFLOPs per input ({FLOP_CONVENTION})")
-    for col in ("strategy", "mean IoU", "GFLOPs", "IoU/GigaFlop", "reward", "oracle gain", "agree"):
+    for col in ("strategy", "mean IoU", "GFLOPs", "IoU/GigaFlop", "vs frontier", "saving", "reward", "oracle gain", "agree"):
         table.add_column(col, justify="left" if col == "strategy" else "right")
     for name in report.model_names:
         table.add_column(f"% {name}", justify="right")
@@ -245,6 +287,8 @@ def print_report(report: CompareReport, console: Console) -> None:
             _fmt(r.mean_iou),
             _fmt(r.gflops),
             f"{r.iou_per_gflop:.2f}",
+            _points(r.hull_gain),
+            _share(r.hull_saving),
             _fmt(row.mean_reward),
             f"{100 * row.oracle_gain_share:.0f}%",
             f"{100 * row.agreement:.0f}%",
@@ -252,6 +296,8 @@ def print_report(report: CompareReport, console: Console) -> None:
         )
     console.print(table)
     console.print(table2_markdown(report))
+    if report.frontier:
+        console.print(frontier_markdown(report))
     if report.expert_key is not None:
         console.print(expert_markdown(report).split("\n\n**")[0])
     if report.tvd:
@@ -266,6 +312,7 @@ def report_to_json(report: CompareReport) -> str:
             "rows": [r.to_dict() for r in report.rows],
             "table2": report.table2,
             "pareto": [p.to_dict() for p in report.pareto],
+            "frontier": report.frontier,
             "tvd": [asdict(p) for p in report.tvd],
         },
         indent=2,

@@ -121,6 +121,8 @@ class CompareReport:
     model_names: list[str] = field(default_factory=list)
     expert_key: str | None = None
     tvd: list[TVDPoint] = field(default_factory=list)
+    #: The sweep against the single-model frontier (`routerkit.frontier.sweep_summary`): APGR, AIQ per family.
+    frontier: dict[str, Any] = field(default_factory=dict)
 
     def row(self, key: str) -> StrategyRow:
         """The row with stable key ``key`` (``"paser"``, ``"single:f2_large"``, ...).

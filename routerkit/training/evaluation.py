@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,9 @@ from rich.table import Table
 from routerkit._io import atomic_write_bytes, atomic_write_json
 from routerkit.config.build import Experiment
 from routerkit.flops import FLOP_CONVENTION
+from routerkit.frontier import Frontier
 from routerkit.metrics import EvalResult, evaluate_router
-from routerkit.routers import create_router
+from routerkit.routers import SingleModelRouter, create_router
 
 __all__ = ["evaluate_experiment", "results_table", "write_results"]
 
@@ -51,6 +53,11 @@ def evaluate_experiment(exp: Experiment, run_dir: Path, console: Console | None 
         )
         for name, router in strategies
     ]
+    singles = [r for (_, router), r in zip(strategies, results, strict=True) if isinstance(router, SingleModelRouter)]
+    if singles:  # every strategy against the single models and their input-level mixes
+        frontier = Frontier.of([(r.gflops, r.mean_iou) for r in singles])
+        for r in results:
+            r.against(frontier)
     write_results(run_dir, cfg.evaluation.split, results, exp.zoo.names)
     if split.images.dim() == 4 and split.targets.dim() == 3 and split.images.shape[1] in (1, 3):
         from routerkit.plots import routing_overlay
@@ -78,7 +85,18 @@ def write_results(run_dir: Path, split: str, results: list[EvalResult], model_na
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(
-        ["strategy", "mean_iou", "accuracy", "gflops_per_input", "iou_per_gflop", *[f"usage_{n}" for n in model_names]]
+        [
+            "strategy",
+            "mean_iou",
+            "accuracy",
+            "gflops_per_input",
+            "state_gflops",
+            "iou_per_gflop",
+            "hull_quality",
+            "hull_gain",
+            "hull_saving",
+            *[f"usage_{n}" for n in model_names],
+        ]
     )
     for r in results:
         writer.writerow(
@@ -87,7 +105,9 @@ def write_results(run_dir: Path, split: str, results: list[EvalResult], model_na
                 f"{r.mean_iou:.6f}",
                 f"{r.accuracy:.6f}",
                 f"{r.gflops:.6f}",
+                f"{r.state_gflops:.6f}",
                 f"{r.iou_per_gflop:.6f}",
+                *["" if v is None else f"{v:.6f}" for v in (r.hull_quality, r.hull_gain, r.hull_saving)],
                 *[f"{u:.4f}" for u in r.usage],
             ]
         )
@@ -96,12 +116,20 @@ def write_results(run_dir: Path, split: str, results: list[EvalResult], model_na
 
 def results_table(results: list[EvalResult], model_names: list[str], split: str) -> Table:
     """A rich table of the results (GFLOPs per input, fvcore convention)."""
-    table = Table(title=f"{split} split — GFLOPs per input, counting every pass that ran ({FLOP_CONVENTION})")
+    table = Table(
+        title=f"{split} split — GFLOPs per input, counting every pass that ran ({FLOP_CONVENTION}); "
+        "frontier = the single models and their input-level mixes at the same GFLOPs",
+        caption="vs frontier: mean IoU minus the frontier's, in IoU points; saving: share of the frontier's GFLOPs "
+        "saved at the same mean IoU",
+    )
     table.add_column("strategy")
     table.add_column("mean IoU", justify="right")
     table.add_column("accuracy", justify="right")
     table.add_column("GFLOPs", justify="right")
+    table.add_column("state", justify="right")
     table.add_column("IoU/GigaFlop", justify="right")
+    table.add_column("vs frontier", justify="right")
+    table.add_column("saving", justify="right")
     for name in model_names:
         table.add_column(f"% {name}", justify="right")
     for r in results:
@@ -110,7 +138,23 @@ def results_table(results: list[EvalResult], model_names: list[str], split: str)
             f"{r.mean_iou:.4f}",
             f"{r.accuracy:.4f}",
             f"{r.gflops:.4f}",
+            f"{r.state_gflops:.4f}",
             f"{r.iou_per_gflop:.2f}",
+            _points(r.hull_gain),
+            _share(r.hull_saving),
             *[f"{100 * u:.1f}" for u in r.usage],
         )
     return table
+
+
+def _points(gain: float | None) -> str:
+    """A gain in IoU points, signed; blank when not compared, n/a below the cheapest model's cost."""
+    if gain is None:
+        return ""
+    return "n/a" if math.isnan(gain) else f"{100 * gain:+.2f}"
+
+
+def _share(saving: float | None) -> str:
+    if saving is None:
+        return ""
+    return "beyond" if math.isnan(saving) else f"{100 * saving:.0f}%"
