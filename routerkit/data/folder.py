@@ -509,13 +509,15 @@ def folder_dataset(
     unknown = sorted(set(folders) - {"train", "val", "test"})
     if unknown:
         raise ValueError(f"Expected splits to name only train, val and test but got {unknown}.")
-    loaded: dict[str, Split] = {}
-    for name, sub in folders.items():
-        split = load_folder_split(base / sub / images, base / sub / masks, value_map, default_class, extensions, normalize)
-        loaded[name] = fit_size(split, size, ignore_index) if size is not None else split
-    if standardize:
+    loaded = {
+        name: load_folder_split(base / sub / images, base / sub / masks, value_map, default_class, extensions, normalize)
+        for name, sub in folders.items()
+    }
+    if standardize:  # statistics of the training files as read, before any padding
         dims = [0, *range(2, loaded["train"].images.dim())]
         mean = loaded["train"].images.mean(dim=dims, keepdim=True)[0]
         std = loaded["train"].images.std(dim=dims, keepdim=True)[0].clamp_min(1e-12)
         loaded = {k: Split((s.images - mean) / std, s.targets, s.meta) for k, s in loaded.items()}
+    if size is not None:
+        loaded = {k: fit_size(s, size, ignore_index) for k, s in loaded.items()}
     return DataBundle(loaded["train"], loaded["val"], loaded["test"], list(class_names), ignore_index)

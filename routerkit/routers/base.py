@@ -191,6 +191,10 @@ class Router(nn.Module, ABC):
         """
         return None
 
+    def optional_state_keys(self) -> set[str]:
+        """State-dict keys that may be missing from an older checkpoint (the load hook fills in a default)."""
+        return set()
+
     def reset(self) -> None:
         """Restore the router's own random state before a pass over a split.
 

@@ -105,9 +105,11 @@ class OracleRouter(Router):
     ) -> None:
         from routerkit.rewards import PaSeRReward, create_accuracy
 
-        super().__init__(num_actions, **kwargs)  # type: ignore[arg-type]
+        if num_classes is None and "in_channels" not in kwargs:
+            kwargs["in_channels"] = 3  # K defaults to 2 without a spec
+        super().__init__(num_actions, num_classes=num_classes, **kwargs)  # type: ignore[arg-type]
         self.reward = PaSeRReward(lam)
-        classes = max(self.in_channels - 1, 2) if num_classes is None else num_classes
+        classes = max(self.num_classes, 2)
         self.accuracy = create_accuracy(accuracy, num_classes=classes, ignore_index=ignore_index)
 
     def unit_scores(self, unit_probs: Tensor, unit_targets: Tensor) -> Tensor:

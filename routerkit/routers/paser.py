@@ -77,6 +77,10 @@ class PaSeRRouter(Router):
         state_dict.setdefault(prefix + "logit_bias", torch.zeros_like(self.logit_bias))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
 
+    def optional_state_keys(self) -> set[str]:
+        """``logit_bias``: runs saved before budget calibration existed load with zeros."""
+        return {"logit_bias"}
+
     def policy_input(self, state: BaseOutput) -> Tensor:
         """The policy input ``[B, K + 1, ...]`` (uncertainty scaled to [0, 1])."""
         return torch.cat([state.probs, (state.uncertainty * self.entropy_scale).unsqueeze(1)], dim=1)

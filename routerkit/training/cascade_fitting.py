@@ -150,8 +150,8 @@ class CascadeFitting(Stage):
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
         self.router.cpu()
         out = fit(self.router, table, settings, seed)  # type: ignore[arg-type]
+        actions = self.router.decide_table(table)  # on the CPU, where the table is
         self.router.to(device)
-        actions = self.router.decide_table(table)
         out["iou"] = table.mean_iou(actions)
         # charged as live routing charges it: every stage reached and its stop decisions
         out["gflops"] = table.flops(actions, cascade=True, decision_flops=self.router.decision_flops()) / 1e9

@@ -172,6 +172,6 @@ class ProgressBar(Callback):
 
 
 def _info(logs: dict[str, float]) -> str:
-    """The progress bar's text: validation figures first, then the losses."""
-    keys = sorted(logs, key=lambda k: not k.startswith("val/"))[:4]
+    """The progress bar's text: every model's validation mean IoU, else the first few scalars (losses)."""
+    keys = [k for k in logs if k.startswith("val/miou_")] or list(logs)[:4]
     return "  ".join(f"{k.split('/')[-1]}={logs[k]:.4f}" for k in keys)

@@ -35,9 +35,11 @@ def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 def recompute_bn_statistics(model: nn.Module, inputs: Iterable[Tensor], max_batches: int | None = None) -> int:
     """Set every batch-norm layer's running mean and variance to the exact average over ``inputs``.
 
-    The model runs in training mode (as it was trained, dropout included) without gradients; each
-    layer's momentum is set to ``None`` (a cumulative average) for the pass and restored afterwards.
-    Every other train/eval flag is restored too.
+    Only the batch-norm layers run in training mode (dropout stays off, as in eval mode, so the
+    statistics are those the deterministic eval-mode forward sees), without gradients; each
+    layer's momentum is set to ``None`` (a cumulative average) for the pass and restored
+    afterwards, and every train/eval flag is restored. If no batch is usable or the forward
+    raises, the previous statistics are put back.
 
     Args:
         model: The model.
@@ -52,12 +54,16 @@ def recompute_bn_statistics(model: nn.Module, inputs: Iterable[Tensor], max_batc
         return 0
     modes = [(m, m.training) for m in model.modules()]
     momenta = [m.momentum for m in layers]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in layers]  # type: ignore[union-attr]
     used = 0
+    ok = False
     try:
         for layer in layers:
             layer.reset_running_stats()
             layer.momentum = None
-        model.train()
+        model.eval()  # the statistics eval mode will use: no dropout draws ...
+        for layer in layers:
+            layer.train()  # ... and batch-norm layers averaging their batch statistics
         for x in inputs:
             if max_batches is not None and used >= max_batches:
                 break
@@ -65,9 +71,15 @@ def recompute_bn_statistics(model: nn.Module, inputs: Iterable[Tensor], max_batc
                 continue
             model(x)
             used += 1
+        ok = used > 0
     finally:
         for layer, momentum in zip(layers, momenta, strict=True):
             layer.momentum = momentum
+        if not ok:  # no usable batch, or the forward raised: keep the statistics the model had
+            for layer, (mean, var, count) in zip(layers, saved, strict=True):
+                layer.running_mean.copy_(mean)  # type: ignore[union-attr]
+                layer.running_var.copy_(var)  # type: ignore[union-attr]
+                layer.num_batches_tracked.copy_(count)  # type: ignore[union-attr]
         for m, training in modes:
             m.training = training
     if used == 0:

@@ -11,7 +11,7 @@ validation split and, at the end, keep each model's best epoch (`PretrainChecks`
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -56,6 +56,8 @@ class PretrainChecks:
     """
 
     validation: Split | None = None
+    #: Per-model validation split by model key (specialists trained with ``train_on``: the matching inputs).
+    model_validation: dict[str, Split] = field(default_factory=dict)
     num_classes: int = 0
     precise_bn: bool = True
     bn_batches: int | None = None
@@ -126,9 +128,10 @@ class _CheckedPretraining(Stage):
         for key, model, forward, bn_inputs in models:
             if c.precise_bn:
                 recompute_bn_statistics(model, bn_inputs(), c.bn_batches)
-            if c.validation is None:
+            val = c.model_validation.get(key, c.validation)
+            if val is None:
                 continue
-            q = model_quality(forward, model, c.validation, c.num_classes, self.ignore_index, c.batch_size)
+            q = model_quality(forward, model, val, c.num_classes, self.ignore_index, c.batch_size)
             score = self._score(q)
             logs[f"val/miou_{key}"], logs[f"val/acc_{key}"] = q.mean_iou, q.accuracy
             best = self.best.get(key)
@@ -139,10 +142,12 @@ class _CheckedPretraining(Stage):
                 continue
             if c.keep_best and key in self.best and int(self.best[key]["epoch"]) != epoch:
                 model.load_state_dict(self.best[key]["state"])
-                q = model_quality(forward, model, c.validation, c.num_classes, self.ignore_index, c.batch_size)
+                q = model_quality(forward, model, val, c.num_classes, self.ignore_index, c.batch_size)
+                # the logged figures describe the weights the model ends the stage with
+                logs[f"val/miou_{key}"], logs[f"val/acc_{key}"] = q.mean_iou, q.accuracy
             if c.keep_best and key in self.best:
                 logs[f"val/best_epoch_{key}"] = float(self.best[key]["epoch"])
-            batch_stats = model_quality(forward, model, c.validation, c.num_classes, self.ignore_index, c.batch_size, True)
+            batch_stats = model_quality(forward, model, val, c.num_classes, self.ignore_index, c.batch_size, True)
             if batch_stats.accuracy - q.accuracy > c.warn_gap:
                 self.warnings.append(
                     f"model {key!r}: validation accuracy {100 * q.accuracy:.1f}% in eval mode but "
@@ -375,23 +380,28 @@ class BaseModelPretraining(_CheckedPretraining):
         bn_inputs = lambda: (images for images, _ in self.data.batches(self.settings.batch_size))  # noqa: E731
         logs.update(self.check_models(epoch, [("f0", model, model, bn_inputs)]))
         if epoch == self.settings.epochs - 1 and self.checks.validation is not None:
-            self._compare_with_costlier(logs.get("val/miou_f0"), logs.get("val/acc_f0"))
+            self._compare_with_costlier()
         return logs
 
-    def _compare_with_costlier(self, miou: float | None, acc: float | None) -> None:
-        """Warn about costlier models that score below ``f_0`` on validation: nothing to route to."""
+    def _compare_with_costlier(self) -> None:
+        """Warn about costlier models that score below ``f_0`` (its final weights) on validation: nothing to route to.
+
+        A specialist (``train_on``) is compared with ``f_0`` on its own part of the validation split.
+        """
         c, part, zoo = self.checks, self.pipeline.partitioner, self.pipeline.zoo
-        if miou is None or acc is None or c.validation is None:
+        if c.validation is None:
             return
-        base = acc if c.validation.targets.dim() == 1 else miou
         metric = "accuracy" if c.validation.targets.dim() == 1 else "mean IoU"
+        base_model = zoo.base
         for i in range(1, len(zoo)):
             model = zoo[i]
+            val = c.model_validation.get(zoo.names[i], c.validation)
 
             def forward(images: Tensor, model: nn.Module = model) -> Tensor:
                 return part.stitch(model(part.split(images)), images.shape[0])
 
-            score = self._score(model_quality(forward, model, c.validation, c.num_classes, self.ignore_index, c.batch_size))
+            score = self._score(model_quality(forward, model, val, c.num_classes, self.ignore_index, c.batch_size))
+            base = self._score(model_quality(base_model, base_model, val, c.num_classes, self.ignore_index, c.batch_size))
             if score < base:
                 self.warnings.append(
                     f"model {zoo.names[i]!r} (costlier) scores a validation {metric} of {score:.4f}, below the base model "

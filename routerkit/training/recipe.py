@@ -98,8 +98,20 @@ def stage_builder_for(router: Router) -> StageBuilder | None:
 
 
 def _checks(exp: Experiment, section: Any) -> PretrainChecks:
-    """Per-epoch validation (on the validation split), batch-norm recalibration and best epoch of a pre-training stage."""
-    return PretrainChecks.from_config(section, exp.data.val, exp.data.num_classes, exp.config.evaluation.batch_size)
+    """Per-epoch validation (on the validation split), batch-norm recalibration and best epoch of a pre-training stage.
+
+    A specialist (``zoo.models[i].train_on``) is validated on the inputs of the validation split it was trained for.
+    """
+    checks = PretrainChecks.from_config(section, exp.data.val, exp.data.num_classes, exp.config.evaluation.batch_size)
+    for index, m in enumerate(exp.config.zoo.models):
+        if m.train_on is None:
+            continue
+        ((key, value),) = m.train_on.items()
+        column = exp.data.val.meta.get(key)
+        if column is not None and column.dim() == 1 and bool((column == value).any()):
+            matching = exp.data.val.subset(torch.nonzero(column == value).flatten())
+            checks.model_validation["f0" if index == 0 else m.name] = matching
+    return checks
 
 
 def model_training_data(exp: Experiment, index: int) -> Split:

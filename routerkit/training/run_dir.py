@@ -86,8 +86,12 @@ def truncate_log(log_path: Path, stage_index: int, epoch: int) -> None:
             row = json.loads(line)
         except json.JSONDecodeError:  # a line cut by the kill
             continue
-        key = (int(row.get("stage_index", -1)), int(row.get("epoch", -1)))
-        if "stage_index" not in row or key <= (stage_index, epoch):
+        if not isinstance(row, dict):
+            continue
+        index, row_epoch = row.get("stage_index"), row.get("epoch", -1)
+        older = index is None  # rows of runs from before stage indices were logged: kept
+        done = isinstance(index, int) and isinstance(row_epoch, int) and (index, row_epoch) <= (stage_index, epoch)
+        if older or done:
             kept.append(line)
     atomic_write_bytes(log_path, ("\n".join(kept) + "\n" if kept else "").encode())
 

@@ -113,6 +113,7 @@ def _section(raw: dict[str, Any], key: str) -> dict[str, Any]:
 
 def _registries() -> dict[str, Any]:
     from routerkit.costs import COSTS
+    from routerkit.data import DATASETS
     from routerkit.models import MODELS
     from routerkit.partitioners import PARTITIONERS
     from routerkit.rewards import ACCURACY_TERMS, REWARDS
@@ -127,14 +128,16 @@ def _registries() -> dict[str, Any]:
         "routers": ROUTERS,
         "rewards": REWARDS,
         "accuracy": ACCURACY_TERMS,
+        "data": DATASETS,
     }
 
 
 def _routerkit_component(path: str, registries: dict[str, Any]) -> bool:
     """Whether a dotted path names a component of routerkit itself (importing it imports only routerkit).
 
-    Only public modules and attributes of the ``routerkit`` package count, and the object must be a class
-    defined in routerkit or a registered factory: a helper such as ``add_plugin_path`` is not a component.
+    Only public modules and attributes of the ``routerkit`` package count, and the object must be a
+    registered component (a model, router, estimator, cost, partitioner, reward, accuracy term or data
+    factory): a helper such as ``add_plugin_path`` or any other class of routerkit is not a component.
     """
     module_name, attr = path.partition(":")[::2] if ":" in path else path.rpartition(".")[::2]
     parts = [*module_name.split("."), *attr.split(".")]
@@ -146,8 +149,6 @@ def _routerkit_component(path: str, registries: dict[str, Any]) -> bool:
         obj = import_object(path)  # only routerkit's own modules are imported here
     except ImportError:
         return True  # nothing outside routerkit can be reached; the build reports the missing name
-    if isinstance(obj, type) and str(getattr(obj, "__module__", "")).split(".")[0] == "routerkit":
-        return True
     return any(reg.get(name) is obj for reg in registries.values() for name in reg.names())
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from routerkit.config.build import Experiment
+from routerkit.routers.base import Router
 from routerkit.training.checkpoint import CheckpointError
 
 __all__ = ["load_model_state", "model_state"]
@@ -87,10 +88,12 @@ def _state_mismatches(exp: Experiment, part: str, module: torch.nn.Module, given
     def note(key: str, kind: int, text: str) -> None:
         found.setdefault(_module_label(exp, part, key), [[], [], []])[kind].append(text)
 
+    optional = module.optional_state_keys() if isinstance(module, Router) else set()
     for key, value in expected.items():
         got = given.get(key)
         if key not in given:
-            note(key, 0, repr(key))
+            if key not in optional:  # a key the module's own load hook fills in is not missing
+                note(key, 0, repr(key))
         elif isinstance(value, torch.Tensor) and not is_lazy(value):
             if not isinstance(got, torch.Tensor):
                 note(key, 2, f"expected {key!r} to be a tensor but got {type(got).__name__}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -328,3 +329,91 @@ def test_evaluation_is_seeded_and_leaves_the_global_generator_alone(tiny_zoo: Zo
     assert first == second
     torch.manual_seed(11)
     assert torch.equal(torch.rand(3), after_first)  # the caller's generator state was restored
+
+
+# --- The declared hooks of issue 10, for every registered router -------------------------------------------------
+
+
+def _hooks_setup():  # type: ignore[no-untyped-def]
+    """A patch-grid pipeline of toy segmenters with its replayed table (labels included)."""
+    from routerkit.models import ToySegmenter
+    from routerkit.replay import build_unit_table
+    from routerkit.rewards import Correctness
+
+    torch.manual_seed(0)
+    zoo = Zoo([ToySegmenter(1, K, width=2), ToySegmenter(1, K, width=4), ToySegmenter(1, K, width=8)]).eval()
+    pipe = RoutedPipeline(zoo, PatchGrid(*GRID), "softmax_entropy", "param_share", (1, 8, 8))
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 1, 8, 8, generator=gen), torch.randint(0, K, (6, 8, 8), generator=gen)
+    from routerkit.data import Split
+
+    table = build_unit_table(pipe, Correctness(K), Split(x, y), K)
+    return pipe, x, y, table
+
+
+@pytest.mark.parametrize("name", ROUTERS)
+def test_every_router_declares_its_capabilities(name: str) -> None:
+    router = build(name)
+    for flag in ("is_trainable", "is_cascade", "uses_uncertainty", "uses_base", "needs_targets"):
+        assert isinstance(getattr(router, flag), bool), flag
+    flops = router.decision_flops()
+    assert isinstance(flops, list)
+    assert len(flops) == (A - 1 if router.is_cascade else 0)
+    assert isinstance(router.optional_state_keys(), set)
+
+
+@pytest.mark.parametrize("name", ROUTERS)
+def test_every_router_is_built_from_the_pipelines_spec(name: str) -> None:
+    pipe, _, _, _ = _hooks_setup()
+    spec = pipe.router_spec(K, spatial=True)
+    router = create_router(name, router_spec=spec)
+    assert router.num_actions == A and router.grid_shape == GRID and router.num_classes == K
+
+
+@pytest.mark.parametrize("name", ROUTERS)
+def test_replayed_decisions_equal_live_routing_for_every_router(name: str) -> None:
+    """decide_table on the replayed table takes the decisions live routing takes (the executor runs the models)."""
+    pipe, x, y, table = _hooks_setup()
+    extra = {"accuracy": "correct"} if name == "oracle" else {}  # the table's accuracy term
+    router = create_router(name, router_spec=pipe.router_spec(K, spatial=True), **extra).eval()
+    if router.is_cascade and hasattr(router, "set_thresholds"):
+        router.set_thresholds([float(table.uncertainty[..., 0].median()), float(table.uncertainty[..., 1].median())])
+    router.reset()
+    replayed = router.decide_table(table)
+    router.reset()
+    live = pipe.route(x, router, targets=y if router.needs_targets else None).actions
+    assert torch.equal(replayed, live)
+    if router.is_cascade:
+        stops = router.stop(0, table.unit_probs[:, :, 0].reshape(-1, K), table.uncertainty[:, :, 0].reshape(-1))
+        assert stops.dtype == torch.bool and stops.shape == (table.num_inputs * table.num_units,)
+
+
+@pytest.mark.parametrize("name", ROUTERS)
+def test_budget_knobs_move_cost_monotonically(name: str) -> None:
+    from routerkit.replay import decide
+
+    _, _, _, table = _hooks_setup()
+    router = create_router(name, num_actions=A, grid_shape=GRID, num_classes=K).eval()
+    knob = router.budget_knob(table)
+    if knob is None:
+        assert not router.is_trainable or name not in ("paser", "idk", "optimal_stopping")
+        return
+    shares = []
+    for value in torch.linspace(knob.low, knob.high, 9).tolist():
+        knob.set(value)
+        shares.append(float((decide(router, table) > 0).double().mean()))
+    pairs = list(itertools.pairwise(shares))
+    assert all((b >= a) if knob.increasing else (b <= a) for a, b in pairs), shares
+    assert shares[0] != shares[-1]  # the knob reaches both ends
+
+
+def test_oracle_decides_from_labelled_scores_and_others_refuse() -> None:
+    pipe, _, y, table = _hooks_setup()
+    oracle = create_router("oracle", router_spec=pipe.router_spec(K, spatial=True), accuracy="correct")
+    scores = table.accuracy
+    assert torch.equal(oracle.best_actions(scores, table.costs), oracle.decide_table(table))
+    assert oracle.unit_scores(table.base.probs[:1].repeat(1, 1, 1, 1)[:, :, :4, :4], y[:1, :4, :4]).shape == (1,)
+    with pytest.raises(NotImplementedError, match="needs_targets is False"):
+        create_router("random", num_actions=A, grid_shape=GRID).best_actions(scores, table.costs)
+    with pytest.raises(NotImplementedError, match="not a cascade"):
+        create_router("random", num_actions=A, grid_shape=GRID).stop(0, scores[0], scores[0, :, 0])
