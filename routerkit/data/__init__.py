@@ -106,6 +106,19 @@ class DataBundle:
         shapes = {name: tuple(s.images.shape[1:]) for name, s in self.splits().items()}
         if len(set(shapes.values())) != 1:
             raise ValueError(f"Expected every split to have the same input shape but got {shapes}.")
+        k = len(self.class_names)
+        for name, split in self.splits().items():
+            t = split.targets
+            bad = (t < 0) | (t >= k)
+            if self.ignore_index is not None:
+                bad &= t != self.ignore_index
+            if bool(bad.any()):
+                values = sorted(set(t[bad].unique().tolist()))[:10]
+                raise ValueError(
+                    f"Expected the {name} split's targets to be class ids in [0, {k}) (one per class name "
+                    f"{self.class_names}) or the ignore_index {self.ignore_index} but found {values}: check the value "
+                    "map of the masks (or the labels) against class_names."
+                )
 
     @property
     def num_classes(self) -> int:

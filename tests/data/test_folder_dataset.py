@@ -108,3 +108,14 @@ def test_own_scans_from_yaml_alone_train_evaluate_and_resume(scans: Path, tmp_pa
         again = runner.invoke(app, command)
         assert again.exit_code == 0, again.output
         assert json.loads((run_dir / "metrics" / "test.json").read_text()) == table
+
+
+def test_a_bundle_refuses_targets_outside_its_classes() -> None:
+    from routerkit.data import DataBundle
+
+    ok = Split(torch.zeros(2, 1, 4, 4), torch.zeros(2, 4, 4, dtype=torch.long))
+    bad = Split(torch.zeros(2, 1, 4, 4), torch.full((2, 4, 4), 3))
+    with pytest.raises(ValueError, match=r"val split's targets to be class ids in \[0, 3\).*\[3\]"):
+        DataBundle(ok, bad, ok, CLASSES)
+    ignored = Split(torch.zeros(2, 1, 4, 4), torch.full((2, 4, 4), 255))
+    DataBundle(ok, ignored, ok, CLASSES, ignore_index=255)  # the ignore index is fine
