@@ -67,6 +67,21 @@ class UnitTable:
         """Models A = m + 1."""
         return int(self.accuracy.shape[2])
 
+    def to(self, device: torch.device | str) -> UnitTable:
+        """The table with its per-input tensors on ``device`` (costs and per-model FLOPs stay as they are)."""
+        return UnitTable(
+            BaseOutput(self.base.probs.to(device), self.base.uncertainty.to(device)),
+            self.accuracy.to(device),
+            self.loss.to(device),
+            self.uncertainty.to(device),
+            self.unit_probs.to(device),
+            self.confusion.to(device),
+            self.unit_flops,
+            self.base_flops,
+            self.state_flops,
+            self.costs,
+        )
+
     def subset(self, index: Tensor) -> UnitTable:
         """The rows ``index`` of the table (inputs)."""
         return UnitTable(

@@ -112,7 +112,8 @@ def test_reinforce_learns_to_route_by_feature() -> None:
         seed=0,
     )
     # The replayed accuracies encode the toy's rule.
-    probs, unc, acc = replay_cache(pipe, Correctness(2), train)
+    cache = replay_cache(pipe, Correctness(2), train)
+    probs, unc, acc = cache.base.probs, cache.base.uncertainty, cache.accuracy
     assert probs.shape == (512, 2) and unc.shape == (512,)
     positive = train.images[:, 0] > 0
     assert acc.shape == (512, 1, 2)

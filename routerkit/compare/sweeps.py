@@ -67,7 +67,7 @@ def train_paser_on_table(
         PaSeRReward(lam),
         seed,
         epochs=epochs,
-        cache=(table.base.probs, table.base.uncertainty, table.accuracy),
+        cache=table,
     )
     for epoch in range(epochs):
         stage.train_epoch(epoch)
@@ -145,7 +145,7 @@ def tvd_sweep(
         raise ValueError("compare.tvd_thresholds needs training.finetune.lam_end (the lambda schedule's end).")
     console.print(f"TVD sweep: fine-tuning the stage-2 policy up to TVD {thresholds} (replayed D_FT) ...")
     points = []
-    cache = (ft_t.base.probs, ft_t.base.uncertainty, ft_t.accuracy)
+    cache = ft_t
     start = stage_policy(exp, run_dir)
     for threshold in thresholds:
         router = copy.deepcopy(start)

@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from routerkit.functional import paid_cost
+from routerkit.functional import paid_cost, reinforce_loss
 from routerkit.routers import CascadeRouter, IDKCascade, OptimalStoppingCascade
+from routerkit.training.reinforce import reward_baseline
 from routerkit.unit_table import UnitTable
 
 __all__ = ["CASCADE_FITTERS", "cascade_fitter", "fit_idk_grid", "fit_idk_iou", "fit_optimal_stopping"]
@@ -160,8 +161,8 @@ def fit_optimal_stopping(
             stopped_here = (steps == final.unsqueeze(1)).float()
             logp = (went_on * logp_go + stopped_here * logp_stop).sum(-1)
             reward = rewards_all[idx].gather(1, final.unsqueeze(1)).squeeze(1)
-            advantage = reward - reward.mean()
-            objective = -(logp * advantage).mean()
+            advantage = reward - reward_baseline("mean", reward)
+            objective = reinforce_loss(logp, advantage)
             opt.zero_grad(set_to_none=True)
             objective.backward()
             opt.step()

@@ -32,6 +32,7 @@ from routerkit.training.reinforce import (
     total_variation,
 )
 from routerkit.training.schedules import StageSettings, global_rng_state, linear_schedule, set_global_rng_state
+from routerkit.unit_table import UnitTable
 
 if TYPE_CHECKING:
     from routerkit.config.schema import FinetuneConfig, PolicyConfig
@@ -63,7 +64,7 @@ class _ReplayedPolicy(Stage):
         cache_batch: int = 16,
         importance_weighting: bool = True,
         estimator: str = "reinforce",
-        cache: tuple[Tensor, Tensor, Tensor] | None = None,
+        cache: UnitTable | None = None,
     ) -> None:
         super().__init__(settings, seed)
         check_choice("baseline", baseline, BASELINES)
@@ -75,7 +76,7 @@ class _ReplayedPolicy(Stage):
         self.baseline, self.credit, self.entropy_coef, self.cache_batch = baseline, credit, entropy_coef, cache_batch
         self.modules["router"] = router
         self.optimizers["router"] = torch.optim.Adam(router.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-        self._cache: tuple[Tensor, Tensor, Tensor] | None = cache
+        self._cache: UnitTable | None = cache
         #: Global generator states the cache was built from (so a resumed stage rebuilds the same one).
         self._cache_rng: dict[str, Tensor] | None = None
 
@@ -83,8 +84,8 @@ class _ReplayedPolicy(Stage):
         return -(-len(self.data) // self.settings.batch_size)
 
     @torch.no_grad()
-    def build_cache(self) -> tuple[Tensor, Tensor, Tensor]:
-        """``(probs [N, K, ...], uncertainty [N, ...], accuracy [N, P, m + 1])`` of D_RL, computed once.
+    def build_cache(self) -> UnitTable:
+        """The replayed `UnitTable` of the stage's data (on the data's device), computed once.
 
         The MC-dropout state draws from the global generators. Their state before the first build
         is kept in `state_dict`; a stage restored from it rebuilds the identical cache, without
@@ -117,7 +118,8 @@ class _ReplayedPolicy(Stage):
         """One policy-gradient step on the replayed inputs ``idx`` (``lam`` overrides the reward's lambda)."""
         from routerkit.uncertainty import BaseOutput
 
-        probs, unc, acc = self.build_cache()
+        cache = self.build_cache()
+        probs, unc, acc = cache.base.probs, cache.base.uncertainty, cache.accuracy
         costs = self.pipeline.costs.to(acc.device)
         self.router.train()
         logits = self.router.logits(BaseOutput(probs[idx], unc[idx]))
@@ -167,7 +169,7 @@ class PolicyTraining(_ReplayedPolicy):
         estimator: ``"reinforce"`` (sampled actions) or ``"all_actions"``: the exact gradient of the
             expected reward ``sum_a pi(a|s) r(s, a)``, possible because every model's output is
             replayed (no sampling, no baseline needed).
-        cache: An already built ``(probs, uncertainty, accuracy)`` replay cache of ``data`` (e.g.
+        cache: An already built replay `UnitTable` of ``data`` (e.g.
             from a `UnitTable`); built on first use when ``None``.
     """
 
@@ -185,7 +187,7 @@ class PolicyTraining(_ReplayedPolicy):
         data: Split,
         seed: int,
         epochs: int | None = None,
-        cache: tuple[Tensor, Tensor, Tensor] | None = None,
+        cache: UnitTable | None = None,
     ) -> PolicyTraining:
         """The stage of a ``training.policy`` section.
 
@@ -219,7 +221,7 @@ class PolicyTraining(_ReplayedPolicy):
         )
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
-        probs, _, _ = self.build_cache()
+        probs = self.build_cache().base.probs
         alpha = linear_schedule(self.alpha_start, self.alpha_end, epoch, self.settings.epochs)
         n = probs.shape[0]
         order = torch.randperm(n, generator=self.generator)
@@ -284,7 +286,7 @@ class PolicyFineTuning(_ReplayedPolicy):
         credit: str = "unit",
         entropy_coef: float = 0.0,
         importance_weighting: bool = True,
-        cache: tuple[Tensor, Tensor, Tensor] | None = None,
+        cache: UnitTable | None = None,
     ) -> None:
         super().__init__(
             pipeline,
@@ -324,7 +326,7 @@ class PolicyFineTuning(_ReplayedPolicy):
         seed: int,
         baseline: str,
         tvd_threshold: float | None = None,
-        cache: tuple[Tensor, Tensor, Tensor] | None = None,
+        cache: UnitTable | None = None,
     ) -> PolicyFineTuning:
         """The stage of a ``training.finetune`` section with ``tvd_threshold`` and ``lam_end``.
 
@@ -385,7 +387,8 @@ class PolicyFineTuning(_ReplayedPolicy):
         self.stopped, self.step, self.lam, self.tvd = bool(t["stopped"]), int(t["step"]), float(t["lam"]), float(t["tvd"])
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
-        probs, unc, _ = self.build_cache()
+        cache = self.build_cache()
+        probs, unc = cache.base.probs, cache.base.uncertainty
         n = probs.shape[0]
         if self.reference is None:
             self.reference = policy_probs(self.router, probs, unc)
@@ -418,18 +421,13 @@ class PolicyFineTuning(_ReplayedPolicy):
 
 
 @torch.no_grad()
-def replay_cache(
-    pipeline: RoutedPipeline, accuracy: AccuracyTerm, data: Split, batch_size: int = 16
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Base state and per-unit accuracy of every model on ``data``, for replayed policy training.
+def replay_cache(pipeline: RoutedPipeline, accuracy: AccuracyTerm, data: Split, batch_size: int = 16) -> UnitTable:
+    """The replayed `UnitTable` of ``data`` for policy training, on the data's device.
 
-    The three tensors of `routerkit.replay.build_unit_table` that the policy needs, on the data's device.
-
-    Returns:
-        ``(probs [N, K, ...], uncertainty [N, ...], accuracy [N, P, m + 1])``.
+    `routerkit.replay.build_unit_table` with the accuracy term's classes and ignore index.
     """
     from routerkit.replay import build_unit_table
 
     device = data.images.device
     table = build_unit_table(pipeline, accuracy, data, accuracy.num_classes, batch_size, accuracy.ignore_index, device)
-    return table.base.probs.to(device), table.base.uncertainty.to(device), table.accuracy.to(device)
+    return table.to(device)

@@ -35,6 +35,7 @@ from routerkit.training.cascade_fitting import CascadeFitting
 from routerkit.training.finetune import JointFineTuning
 from routerkit.training.policy import PolicyFineTuning, PolicyTraining
 from routerkit.training.pretraining import BaseModelPretraining, LargeModelPretraining, PretrainChecks
+from routerkit.unit_table import UnitTable
 
 __all__ = [
     "STAGE_BUILDERS",
@@ -139,7 +140,7 @@ def policy_stage(
     reward: Reward,
     seed: int,
     epochs: int | None = None,
-    cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    cache: UnitTable | None = None,
 ) -> PolicyTraining:
     """Stage 2 on D_RL with the config's ``training.policy`` settings.
 
@@ -169,7 +170,7 @@ def tvd_stage(
     router: PaSeRRouter,
     threshold: float,
     seed: int,
-    cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    cache: UnitTable | None = None,
 ) -> PolicyFineTuning:
     """Stage 3 as policy-only fine-tuning on D_FT stopped at a TVD ``threshold`` (``training.finetune``)."""
     t = exp.config.training

@@ -34,7 +34,7 @@ def _train(baseline: str, importance_weighting: bool, estimator: str = "reinforc
         baseline=baseline,
         importance_weighting=importance_weighting,
         estimator=estimator,
-        cache=(table.base.probs, table.base.uncertainty, table.accuracy),
+        cache=table,
     )
     for epoch in range(120):
         stage.run_epoch(epoch)

@@ -69,7 +69,7 @@ def test_from_config_matches_the_stage_built_by_hand() -> None:
     logs = []
     for from_config in (True, False):
         pipe, split, table, router = known_setup()
-        cache = (table.base.probs, table.base.uncertainty, table.accuracy)
+        cache = table
         common = {"pipeline": pipe, "router": router, "reward": PaSeRReward(0.1), "accuracy": Correctness(K), "data": split}
         if from_config:
             stage = PolicyTraining.from_config(section, **common, seed=3, cache=cache)

@@ -34,8 +34,8 @@ def pretrained() -> tuple[RoutedPipeline, UnitTable, dict[str, Any]]:
     return pipe, table, copy.deepcopy(router.state_dict())
 
 
-def _cache(table: UnitTable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return table.base.probs, table.base.uncertainty, table.accuracy
+def _cache(table: UnitTable) -> UnitTable:
+    return table
 
 
 def _finetune(pretrained: Any, threshold: float, epochs: int = 30) -> tuple[PolicyFineTuning, torch.Tensor, torch.Tensor]:
