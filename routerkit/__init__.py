@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from routerkit.costs import CostModel, create_cost, list_costs
 from routerkit.data import DataBundle, Split
-from routerkit.data import folder as _folder  # noqa: F401  (registers the built-in 'folder' data factory)
+from routerkit.data import folder_dataset as _folder_dataset  # noqa: F401  (registers the built-in 'folder' data factory)
 from routerkit.executor import Executor, FlopAccountant
 from routerkit.metrics import EvalResult, evaluate_router
 from routerkit.models import TaskModel, Zoo, create_model, list_models

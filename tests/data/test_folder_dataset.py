@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from routerkit.cli import app
 from routerkit.data import DATASETS, Split
-from routerkit.data.folder import fit_size, folder_dataset
+from routerkit.data.folder_dataset import fit_size, folder_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples"))
