@@ -188,7 +188,9 @@ class _PretrainChecksConfig(OptimConfig):
         description="Recompute each model's exact batch-norm statistics on its training data after every epoch "
         "(the running averages of a short training leave models far worse in eval mode).",
     )
-    bn_batches: Int | None = Field(None, ge=1, description="Training batches used for those statistics (None: all).")
+    bn_batches: Int | None = Field(
+        4, ge=1, description="Training batches (the stage's batch size, no augmentation) averaged for those statistics (None: all)."
+    )
     keep_best: bool = Field(True, description="Each model ends the stage with the weights of its best validation epoch.")
 
 
