@@ -189,7 +189,7 @@ class _PretrainChecksConfig(OptimConfig):
         "(the running averages of a short training leave models far worse in eval mode).",
     )
     bn_batches: Int | None = Field(
-        4, ge=1, description="Training batches (the stage's batch size, no augmentation) averaged for those statistics (None: all)."
+        4, ge=1, description="Training batches (stage batch size, no augmentation) averaged for those statistics (None: all)."
     )
     keep_best: bool = Field(True, description="Each model ends the stage with the weights of its best validation epoch.")
 
