@@ -223,11 +223,14 @@ def test_a_plugin_folder_is_not_put_on_sys_path(tmp_path: Path) -> None:
 
 
 def test_what_needs_trust(tmp_path: Path) -> None:
-    raw = _raw_config("routerkit.data:DataBundle")  # routerkit's own class: no trust needed
+    raw = _raw_config("routerkit.data.folder_dataset:folder_dataset")  # routerkit's registered components: no trust
     raw["zoo"]["models"][1]["model"] = "routerkit.models:ToySegmenter"
     plain = _hand_made_run(tmp_path / "plain", raw, [])
     assert code_to_import(plain) == []
     check_run_trust(plain)  # nothing to refuse, whoever made it
+    # any other class of routerkit is not a component: it needs trust like user code
+    other = _hand_made_run(tmp_path / "other", _raw_config("routerkit.training.run_lock:RunLock"), [])
+    assert code_to_import(other) == ["data.factory: routerkit.training.run_lock:RunLock"]
     raw = _raw_config("routerkit.config.build:add_plugin_path")  # routerkit, but a helper, not a component
     raw["zoo"]["models"][1]["model"] = "mypkg.zoo:Net"
     raw["router"] = {"name": "mypkg.routers:Mine"}
