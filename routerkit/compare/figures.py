@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from routerkit.compare.results import (
     ParetoPoint,
 )
 from routerkit.flops import FLOP_CONVENTION
+from routerkit.frontier import Frontier
 
 # Curve styles of the swept families; the other families (single models) are drawn as stars.
 _PARETO_STYLES = {PASER: "o-", IDK: "s-", OPTIMAL_STOPPING: "^-", ORACLE: "k--"}
@@ -59,10 +61,11 @@ def pareto_figure(report: CompareReport, path: Path) -> Path:
         else:
             ax.plot(xs, ys, "*", markersize=11, label=pts[0].family)
     if report.frontier:  # what the single models and their input-level mixes reach: the line to beat
-        hull = [(float(c), float(q)) for c, q in report.frontier["frontier"]["points"]]
-        right = max([p.gflops for p in report.pareto] + [hull[-1][0]])
-        fx, fy = [c for c, _ in hull] + [right], [q for _, q in hull] + [hull[-1][1]]
-        ax.plot(fx, fy, "--", color="0.35", linewidth=1.4, label="frontier (no router)")
+        frontier = Frontier.of([(float(c), float(q)) for c, q in report.frontier["frontier"]["points"]])
+        left, right = frontier.points[0][0], max([p.gflops for p in report.pareto] + [frontier.points[-1][0]])
+        # a mix is linear in GFLOPs, so on the log axis the frontier is a curve: sample it densely
+        fx = torch.logspace(math.log10(left), math.log10(right), 200, dtype=torch.float64).tolist()
+        ax.plot(fx, [frontier.quality_at(c) for c in fx], "--", color="0.35", linewidth=1.4, label="frontier (no router)")
     ax.set_xscale("log")
     ax.set_xlabel(f"GFLOPs per input (log; {FLOP_CONVENTION})")
     ax.set_ylabel("mean IoU")
