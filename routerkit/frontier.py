@@ -28,7 +28,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Frontier", "aiq", "apgr", "sweep_summary", "upper_hull"]
+__all__ = ["Frontier", "aiq", "apgr", "format_gain", "format_saving", "sweep_summary", "upper_hull"]
 
 Point = tuple[float, float]
 
@@ -218,3 +218,17 @@ def sweep_summary(families: dict[str, tuple[str, list[Point]]], singles: Sequenc
         }
     out["families"] = rows
     return out
+
+
+def format_gain(gain: float | None) -> str:
+    """A ``hull_gain`` in IoU points, signed (``+1.23``); blank when not compared, ``n/a`` below the cheapest model."""
+    if gain is None:
+        return ""
+    return "n/a" if math.isnan(gain) else f"{100 * gain:+.2f}"
+
+
+def format_saving(saving: float | None) -> str:
+    """A ``hull_saving`` as a percentage; blank when not compared, ``beyond`` past the best single model."""
+    if saving is None:
+        return ""
+    return "beyond" if math.isnan(saving) else f"{100 * saving:.0f}%"

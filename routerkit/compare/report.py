@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from routerkit._io import atomic_write_bytes, atomic_write_json
 from routerkit.compare.figures import expert_figure, pareto_figure, tvd_figure
 from routerkit.compare.results import CompareReport, single_key
 from routerkit.flops import FLOP_CONVENTION
+from routerkit.frontier import format_gain, format_saving
 
 
 def _fmt(v: float, digits: int = 4) -> str:
@@ -58,8 +58,8 @@ def table1_markdown(report: CompareReport) -> str:
             _fmt(r.gflops),
             f"{100 * r.gflops / largest:.1f}%",
             f"{r.iou_per_gflop:.2f}",
-            _points(r.hull_gain),
-            _share(r.hull_saving),
+            format_gain(r.hull_gain),
+            format_saving(r.hull_saving),
             _fmt(row.mean_reward),
             f"{100 * row.oracle_gain_share:.1f}%",
             *[f"{100 * u:.1f}" for u in r.usage],
@@ -242,18 +242,6 @@ def write_report(report: CompareReport, folder: Path) -> list[Path]:
     return written
 
 
-def _points(gain: float | None) -> str:
-    if gain is None:
-        return ""
-    return "n/a" if math.isnan(gain) else f"{100 * gain:+.2f}"
-
-
-def _share(saving: float | None) -> str:
-    if saving is None:
-        return ""
-    return "beyond" if math.isnan(saving) else f"{100 * saving:.0f}%"
-
-
 def frontier_markdown(report: CompareReport) -> str:
     """Each swept family against the single-model frontier: APGR (RouteLLM) and AIQ (RouterBench)."""
     f = report.frontier
@@ -269,7 +257,7 @@ def frontier_markdown(report: CompareReport) -> str:
         f"| frontier (no router) | {f['frontier']['apgr']:.3f} | {f['frontier']['aiq']:.4f} | +0.00 |",
     ]
     for row in f["families"].values():
-        lines.append(f"| {row['family']} | {row['apgr']:.3f} | {row['aiq']:.4f} | {_points(row['max_hull_gain'])} |")
+        lines.append(f"| {row['family']} | {row['apgr']:.3f} | {row['aiq']:.4f} | {format_gain(row['max_hull_gain'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -287,8 +275,8 @@ def print_report(report: CompareReport, console: Console) -> None:
             _fmt(r.mean_iou),
             _fmt(r.gflops),
             f"{r.iou_per_gflop:.2f}",
-            _points(r.hull_gain),
-            _share(r.hull_saving),
+            format_gain(r.hull_gain),
+            format_saving(r.hull_saving),
             _fmt(row.mean_reward),
             f"{100 * row.oracle_gain_share:.0f}%",
             f"{100 * row.agreement:.0f}%",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from rich.table import Table
 from routerkit._io import atomic_write_bytes, atomic_write_json
 from routerkit.config.build import Experiment
 from routerkit.flops import FLOP_CONVENTION
-from routerkit.frontier import Frontier
+from routerkit.frontier import Frontier, format_gain, format_saving
 from routerkit.metrics import EvalResult, evaluate_router
 from routerkit.routers import SingleModelRouter, create_router
 
@@ -140,21 +139,8 @@ def results_table(results: list[EvalResult], model_names: list[str], split: str)
             f"{r.gflops:.4f}",
             f"{r.state_gflops:.4f}",
             f"{r.iou_per_gflop:.2f}",
-            _points(r.hull_gain),
-            _share(r.hull_saving),
+            format_gain(r.hull_gain),
+            format_saving(r.hull_saving),
             *[f"{100 * u:.1f}" for u in r.usage],
         )
     return table
-
-
-def _points(gain: float | None) -> str:
-    """A gain in IoU points, signed; blank when not compared, n/a below the cheapest model's cost."""
-    if gain is None:
-        return ""
-    return "n/a" if math.isnan(gain) else f"{100 * gain:+.2f}"
-
-
-def _share(saving: float | None) -> str:
-    if saving is None:
-        return ""
-    return "beyond" if math.isnan(saving) else f"{100 * saving:.0f}%"
