@@ -16,3 +16,18 @@ def tiny_training(batch_size: int | None = None, policy_epochs: int = 1, finetun
         items += [f"training.{stage}.batch_size={batch_size}" for stage in stages]
         items.append(f"evaluation.batch_size={batch_size}")
     return items
+
+
+def tiny_battery(policy_epochs: int = 1) -> list[str]:
+    """``-s`` overrides of examples/battery.yaml for a seconds-long run: 12 small scans, slim models, one epoch a stage."""
+    return [
+        "data.params.num_train=12",
+        "data.params.num_val=4",
+        "data.params.num_test=4",
+        "data.params.height=32",
+        "data.params.width=32",
+        "zoo.models.1.params.base_channels=2",
+        "zoo.models.2.params.base_channels=4",
+        "uncertainty.params.num_passes=2",
+        *tiny_training(policy_epochs=policy_epochs),
+    ]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny import tiny_battery
 from click.testing import Result
 from typer.testing import CliRunner
 
@@ -19,20 +20,7 @@ from routerkit.training.checkpoint import load_checkpoint, save_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 BATTERY = ROOT / "examples" / "battery.yaml"
 
-TINY = [
-    "data.params.num_train=12",
-    "data.params.num_val=4",
-    "data.params.num_test=4",
-    "data.params.height=32",
-    "data.params.width=32",
-    "zoo.models.1.params.base_channels=2",
-    "zoo.models.2.params.base_channels=4",
-    "uncertainty.params.num_passes=2",
-    "training.pretrain_large.epochs=1",
-    "training.pretrain_base.epochs=1",
-    "training.policy.epochs=2",
-    "training.finetune.epochs=1",
-]
+TINY = tiny_battery(policy_epochs=2)
 
 
 def _args(*extra: str) -> list[str]:

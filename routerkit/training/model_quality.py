@@ -31,6 +31,21 @@ def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
+_BNState = list[tuple[Tensor, Tensor, Tensor]]
+
+
+def _bn_state(layers: list[nn.modules.batchnorm._BatchNorm]) -> _BNState:
+    """Copies of each layer's running mean, variance and batch count."""
+    return [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in layers]  # type: ignore[union-attr]
+
+
+def _restore_bn_state(layers: list[nn.modules.batchnorm._BatchNorm], saved: _BNState) -> None:
+    for m, (mean, var, count) in zip(layers, saved, strict=True):
+        m.running_mean.copy_(mean)  # type: ignore[union-attr]
+        m.running_var.copy_(var)  # type: ignore[union-attr]
+        m.num_batches_tracked.copy_(count)  # type: ignore[union-attr]
+
+
 @torch.no_grad()
 def recompute_bn_statistics(model: nn.Module, inputs: Iterable[Tensor], max_batches: int | None = None) -> int:
     """Set every batch-norm layer's running mean and variance to the exact average over ``inputs``.
@@ -54,7 +69,7 @@ def recompute_bn_statistics(model: nn.Module, inputs: Iterable[Tensor], max_batc
         return 0
     modes = [(m, m.training) for m in model.modules()]
     momenta = [m.momentum for m in layers]
-    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in layers]  # type: ignore[union-attr]
+    saved = _bn_state(layers)
     used = 0
     ok = False
     try:
@@ -76,10 +91,7 @@ def recompute_bn_statistics(model: nn.Module, inputs: Iterable[Tensor], max_batc
         for layer, momentum in zip(layers, momenta, strict=True):
             layer.momentum = momentum
         if not ok:  # no usable batch, or the forward raised: keep the statistics the model had
-            for layer, (mean, var, count) in zip(layers, saved, strict=True):
-                layer.running_mean.copy_(mean)  # type: ignore[union-attr]
-                layer.running_var.copy_(var)  # type: ignore[union-attr]
-                layer.num_batches_tracked.copy_(count)  # type: ignore[union-attr]
+            _restore_bn_state(layers, saved)
         for m, training in modes:
             m.training = training
     if used == 0:
@@ -120,7 +132,7 @@ def model_quality(
     """
     modes = [(m, m.training) for m in model.modules()]
     layers = batch_norms(model)
-    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in layers]  # type: ignore[union-attr]
+    saved = _bn_state(layers)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     try:
         model.train(train_mode)
@@ -132,10 +144,7 @@ def model_quality(
             pred = forward(images).argmax(1)
             confusion += confusion_counts(pred.cpu().unsqueeze(0), targets.cpu().unsqueeze(0), num_classes, ignore_index)[0]
     finally:
-        for m, (mean, var, count) in zip(layers, saved, strict=True):
-            m.running_mean.copy_(mean)  # type: ignore[union-attr]
-            m.running_var.copy_(var)  # type: ignore[union-attr]
-            m.num_batches_tracked.copy_(count)  # type: ignore[union-attr]
+        _restore_bn_state(layers, saved)
         for m, training in modes:
             m.training = training
     per_class = iou_from_confusion(confusion)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from _tiny import tiny_battery
 from typer.testing import CliRunner
 
 from routerkit.cli import app
@@ -17,20 +18,7 @@ from routerkit.training.run_lock import RunLock, RunLocked
 
 ROOT = Path(__file__).resolve().parents[2]
 BATTERY = ROOT / "examples" / "battery.yaml"
-TINY = [
-    "data.params.num_train=12",
-    "data.params.num_val=4",
-    "data.params.num_test=4",
-    "data.params.height=32",
-    "data.params.width=32",
-    "zoo.models.1.params.base_channels=2",
-    "zoo.models.2.params.base_channels=4",
-    "uncertainty.params.num_passes=2",
-    "training.pretrain_large.epochs=1",
-    "training.pretrain_base.epochs=1",
-    "training.policy.epochs=1",
-    "training.finetune.epochs=1",
-]
+TINY = tiny_battery(policy_epochs=1)
 
 
 def _cfg(*extra: str):  # type: ignore[no-untyped-def]
