@@ -22,8 +22,9 @@ def routing_overlay(
     num_classes: int | None = None,
     ignore_index: int | None = None,
 ) -> Path:
-    """Save a PNG: per sample, the input with each unit tinted by the model chosen for it, the
-    labels and the routed prediction.
+    """Save a PNG: per sample, the input with each unit tinted by the model chosen for it, ``f_0``'s
+    uncertainty map (the router's state, as PaSeR's Fig. 7) with each unit's choice written on it,
+    the labels and the routed prediction.
 
     Args:
         pipeline: The routed pipeline.
@@ -55,31 +56,51 @@ def routing_overlay(
     rows, cols = pipeline.partitioner.grid_shape
     actions = out.actions.reshape(n, rows, cols).cpu()
     colours = plt.get_cmap("tab10")
-    fig, axes = plt.subplots(3, n, figsize=(2.6 * n, 7.2), squeeze=False)
+    uncertainty = out.base.uncertainty.cpu().float()
+    has_map = uncertainty.dim() == 3 and bool(uncertainty.abs().sum() > 0)  # a router that reads no state shows none
+    vmax = float(uncertainty.max()) if has_map else 1.0
+    fig, axes = plt.subplots(4, n, figsize=(2.6 * n, 9.4), squeeze=False)
     height, width = images.shape[-2:]
     for i in range(n):
         img = images[i].cpu().float()
         img = (img - img.amin()) / (img.amax() - img.amin()).clamp_min(1e-8)  # normalised inputs, shown in [0, 1]
         shown = img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)
         ax = axes[0, i]
-        ax.imshow(shown, cmap="gray")
+        ax.imshow(shown.numpy(), cmap="gray")
         tint = colours(actions[i].numpy()).copy()  # [rows, cols, 4] RGBA of each unit's model
         tint[..., 3] = 0.35
         ax.imshow(tint, extent=(-0.5, width - 0.5, height - 0.5, -0.5), interpolation="nearest")
+        ax = axes[1, i]
+        if has_map:
+            shown_map = ax.imshow(uncertainty[i].numpy(), cmap="magma", vmin=0.0, vmax=max(vmax, 1e-8), interpolation="nearest")
+            uh, uw = height / rows, width / cols
+            for r in range(rows):
+                for c in range(cols):
+                    ax.text((c + 0.5) * uw - 0.5, (r + 0.5) * uh - 0.5, str(int(actions[i, r, c])), color="cyan",
+                            ha="center", va="center", fontsize=7)
+            for r in range(1, rows):
+                ax.axhline(r * uh - 0.5, color="white", lw=0.4)
+            for c in range(1, cols):
+                ax.axvline(c * uw - 0.5, color="white", lw=0.4)
+        else:
+            ax.text(0.5, 0.5, "no f_0 state", ha="center", va="center", transform=ax.transAxes)
         mask = targets[i].cpu().float()
         if ignore_index is not None:
             mask = mask.masked_fill(targets[i].cpu() == ignore_index, float("nan"))  # ignored pixels left blank
         kw = {"cmap": "viridis", "interpolation": "nearest", "vmin": 0, "vmax": max(num_classes - 1, 1)}
-        axes[1, i].imshow(mask, **kw)
-        axes[2, i].imshow(out.pred[i].cpu(), **kw)
+        axes[2, i].imshow(mask.numpy(), **kw)
+        axes[3, i].imshow(out.pred[i].cpu().numpy(), **kw)
         for ax in axes[:, i]:
             ax.set_xticks([])
             ax.set_yticks([])
-    for ax, label in zip(axes[:, 0], ("input + routing", "labels", "routed prediction"), strict=True):
+    row_labels = ("input + routing", "f_0 uncertainty\n(model per unit)", "labels", "routed prediction")
+    for ax, label in zip(axes[:, 0], row_labels, strict=True):
         ax.set_ylabel(label)
     handles = [Patch(color=colours(k), alpha=0.6, label=name) for k, name in enumerate(model_names)]
     fig.legend(handles=handles, loc="lower center", ncol=len(model_names), frameon=False)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
+    if has_map:
+        fig.colorbar(shown_map, ax=list(axes[1]), fraction=0.02, pad=0.01, label="nats")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)

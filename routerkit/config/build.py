@@ -103,7 +103,10 @@ def build_experiment(cfg: ExperimentConfig, data: DataBundle | None = None) -> E
 
     Checks first what shows without data (`check_config`: names, dotted paths, params, device),
     then that every task model returns logits of the data's shape (`check_zoo_outputs`) and that
-    the meta keys the config names exist (`check_meta_keys`).
+    the meta keys the config names exist (`check_meta_keys`). A cost model that measures on the
+    machine (``latency`` without ``cost.params.seconds``) is measured once the zoo is on
+    ``run.device``, and the returned experiment's config records what it measured (a copy of
+    ``cfg``), so that a run saving it never measures again.
 
     Raises:
         ConfigError: On any configuration problem, naming the field.
@@ -146,7 +149,27 @@ def build_experiment(cfg: ExperimentConfig, data: DataBundle | None = None) -> E
         raise ConfigError(f"router/reward: {err}") from None
     zoo.to(device)
     router.to(device)
-    return Experiment(cfg, data, parts, pipeline, router, reward, accuracy)
+    return Experiment(_with_measured_costs(cfg, pipeline), data, parts, pipeline, router, reward, accuracy)
+
+
+def _with_measured_costs(cfg: ExperimentConfig, pipeline: RoutedPipeline) -> ExperimentConfig:
+    """``cfg`` with what the cost model measured now on the zoo's device (``latency``) in ``cost.params``.
+
+    A new run saves this config, so loading the run reuses the numbers instead of measuring again;
+    ``cfg`` itself is not changed.
+
+    Raises:
+        ConfigError: Given cost params do not fit the zoo (``cost.params.seconds`` of another length).
+    """
+    try:
+        measured = pipeline.cost_model.measure(pipeline.zoo, pipeline.unit_shape)
+    except ValueError as err:
+        raise ConfigError(f"cost: {err}") from None
+    if not measured:
+        return cfg
+    recorded = cfg.model_copy(deep=True)
+    recorded.cost.params = {**recorded.cost.params, **measured}
+    return recorded
 
 
 def _component(section: str, name: str, params: dict[str, Any], kind: str) -> Any:

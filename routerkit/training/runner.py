@@ -52,7 +52,9 @@ def train(
     """Train every stage, checkpointing after each epoch, then evaluate.
 
     The run directory is locked while it trains (`RunLock`): a second process gets a clear error.
-    A new run refuses a folder that already holds one unless ``overwrite``.
+    A new run refuses a folder that already holds one unless ``overwrite``. A cost model that
+    measures on this machine (``latency``) is measured once, when the new run is built; its
+    numbers go into the run's ``config.yaml`` (``cost.params.seconds``) and are printed.
 
     Args:
         cfg: The experiment.
@@ -86,7 +88,10 @@ def train(
         t0 = time.perf_counter()
         exp = build_experiment(cfg)  # a config or data error leaves no run behind to --overwrite
         if resume is None:
-            write_run_files(path, cfg, plugin_dirs)
+            # exp.config: cfg plus what the cost model measured here (latency), reused by every later load
+            write_run_files(path, exp.config, plugin_dirs)
+            if exp.config.cost != cfg.cost:
+                console.print(f"cost [cyan]{cfg.cost.name}[/cyan]: " + exp.pipeline.cost_model.describe(exp.zoo.names))
         return _train_locked(exp, path, resume is not None, console, t0)
 
 
