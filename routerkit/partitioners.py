@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import torch.nn.functional as F
 from torch import Tensor
 
 from routerkit._registry import Registry
@@ -46,6 +47,27 @@ class Partitioner(ABC):
         """Shape of one unit (without batch) for an input of shape ``input_shape`` (without batch)."""
         return self._unit_shape(tuple(input_shape))
 
+    @property
+    def halo(self) -> int:
+        """Pixels of context each unit's model sees beyond the unit's border on every side (0: none)."""
+        return 0
+
+    def split_inputs(self, x: Tensor) -> Tensor:
+        """The units a model runs on: `split`, each unit widened by `halo` pixels of its neighbours.
+
+        The model's output on these is cut back to the unit with `crop`; targets, ``f_0``'s
+        probabilities and uncertainties are split with `split` (no halo).
+        """
+        return self.split(x)
+
+    def crop(self, unit_outputs: Tensor) -> Tensor:
+        """A model's output on `split_inputs` units cut back to the units (``[U, K, h, w]``)."""
+        return unit_outputs
+
+    def model_unit_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of what a unit's model runs on (the unit with its halo), without batch: FLOPs are counted on it."""
+        return self.unit_shape(input_shape)
+
     @abstractmethod
     def _split(self, x: Tensor) -> Tensor: ...
 
@@ -63,9 +85,16 @@ PARTITIONERS: Registry[Partitioner] = Registry("partitioner", Partitioner)
 class PatchGrid(Partitioner):
     """Non-overlapping ``rows x cols`` grid of equal patches (PaSeR: 4 x 4 on 224 x 256 images).
 
+    **Context margin.** A patch model sees nothing across its patch's border, so routed masks
+    can show straight seams along the grid. With ``halo > 0`` each patch's model runs on the
+    patch widened by ``halo`` pixels of its neighbours (reflected at the image border), and its
+    output is cropped back to the patch: decisions, targets and stitching stay per patch, and
+    the FLOPs charged are those of the widened patch.
+
     Args:
         rows: Patches along the height.
         cols: Patches along the width.
+        halo: Context margin in pixels on every side (0: none).
 
     Example:
         >>> import torch
@@ -77,14 +106,45 @@ class PatchGrid(Partitioner):
         True
     """
 
-    def __init__(self, rows: int = 4, cols: int = 4) -> None:
+    def __init__(self, rows: int = 4, cols: int = 4, halo: int = 0) -> None:
         if rows < 1 or cols < 1:
             raise ValueError(f"Expected rows >= 1 and cols >= 1 but got rows={rows}, cols={cols}.")
+        if isinstance(halo, bool) or not isinstance(halo, int) or halo < 0:
+            raise ValueError(f"Expected halo to be an integer >= 0 (pixels) but got {halo!r}.")
         self.rows = rows
         self.cols = cols
+        self._halo = halo
 
     def __repr__(self) -> str:
-        return f"PatchGrid(rows={self.rows}, cols={self.cols})"
+        extra = f", halo={self._halo}" if self._halo else ""
+        return f"PatchGrid(rows={self.rows}, cols={self.cols}{extra})"
+
+    @property
+    def halo(self) -> int:
+        return self._halo
+
+    def split_inputs(self, x: Tensor) -> Tensor:
+        a = self._halo
+        if a == 0:
+            return self.split(x)
+        if x.dim() != 4:
+            raise ValueError(f"Expected a [B, C, H, W] input to widen by a halo but got shape {tuple(x.shape)}.")
+        b, c, height, width = x.shape
+        h, w = self._check(height, width)
+        if a >= min(height, width):
+            raise ValueError(f"Expected halo ({a}) smaller than the input ({height} x {width}).")
+        padded = F.pad(x, (a, a, a, a), mode="reflect")  # [B, C, H + 2a, W + 2a]
+        windows = padded.unfold(2, h + 2 * a, h).unfold(3, w + 2 * a, w)  # [B, C, rows, cols, h + 2a, w + 2a]
+        return windows.permute(0, 2, 3, 1, 4, 5).reshape(b * self.num_units, c, h + 2 * a, w + 2 * a)
+
+    def crop(self, unit_outputs: Tensor) -> Tensor:
+        a = self._halo
+        return unit_outputs if a == 0 else unit_outputs[..., a:-a, a:-a]
+
+    def model_unit_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        shape = self.unit_shape(input_shape)
+        a = self._halo
+        return shape if a == 0 else (*shape[:-2], shape[-2] + 2 * a, shape[-1] + 2 * a)
 
     @property
     def num_units(self) -> int:

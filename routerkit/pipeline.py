@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -50,6 +53,8 @@ class RoutedPipeline:
         cost_model: Normalised per-unit costs for rewards.
         input_shape: Shape of one input without batch (for FLOP accounting and unit shapes).
         max_units: Optional cap on units per model forward.
+        inference_mode: Run `route` and `execute` under ``torch.inference_mode`` (no autograd
+            records at all; the outputs cannot enter a backward pass). `for_inference` sets it.
 
     Example:
         >>> import torch
@@ -71,6 +76,7 @@ class RoutedPipeline:
         cost_model: CostModel | str,
         input_shape: tuple[int, ...],
         max_units: int | None = None,
+        inference_mode: bool = False,
     ) -> None:
         from routerkit.costs import create_cost
         from routerkit.uncertainty import create_estimator
@@ -83,7 +89,69 @@ class RoutedPipeline:
         self.unit_shape = partitioner.unit_shape(self.input_shape)
         self.executor = Executor(zoo, partitioner, max_units)
         self.accountant = FlopAccountant(zoo, partitioner, self.input_shape)
+        self.inference_mode = inference_mode
         self._costs: Tensor | None = None
+
+    def for_inference(
+        self,
+        fold_bn: bool = True,
+        channels_last: bool = False,
+        compile: bool = False,
+        compile_options: dict[str, Any] | None = None,
+    ) -> RoutedPipeline:
+        """A new pipeline on inference copies of the zoo, whose `route` runs under ``torch.inference_mode``.
+
+        Every model is copied in eval mode and prepared by `routerkit.inference.prepare_for_inference`;
+        this pipeline, its models and their training are untouched. The copies compute the same
+        outputs (up to float rounding) and keep their dropout layers, so MC-dropout states and
+        hence routing decisions are those of this pipeline. Its FLOP accountant counts the copies,
+        i.e. what runs: batch norms folded into convolutions are no longer charged.
+
+        Args:
+            fold_bn: Fold batch norms into the convolutions before them (`routerkit.inference.fold_batch_norm`).
+            channels_last: Convolution weights channels-last (faster convolutions with oneDNN on CPUs).
+            compile: Wrap each model with ``torch.compile`` (opt-in: needs a C++ compiler for
+                inductor on CPUs, and each new input shape compiles first, tens of seconds).
+            compile_options: Keyword arguments of ``torch.compile`` (``mode``, ``dynamic``, ...).
+
+        Returns:
+            The inference pipeline (same partitioner, cost model, input shape and unit cap; a copy of the estimator).
+
+        Raises:
+            RuntimeError: ``compile=True`` and ``torch.compile`` does not work here.
+
+        Example:
+            >>> import torch
+            >>> from routerkit import PatchGrid, RoutedPipeline, Zoo, create_router
+            >>> from routerkit.models import UNet
+            >>> zoo = Zoo([UNet(1, 2, 2, 2, dropout=0.1, dropout_at="head"), UNet(1, 2, 8, 2)]).eval()
+            >>> pipe = RoutedPipeline(zoo, PatchGrid(2, 2), "mc_dropout", "flops", (1, 16, 16))
+            >>> fast = pipe.for_inference(channels_last=True)
+            >>> router = create_router("random", num_actions=2, grid_shape=(2, 2))
+            >>> fast(torch.rand(2, 1, 16, 16), router).probs.requires_grad
+            False
+        """
+        from routerkit.inference import check_compile, prepare_for_inference
+
+        if compile:
+            check_compile(str((compile_options or {}).get("backend", "inductor")))
+        models = {
+            name: prepare_for_inference(model, fold_bn, channels_last, compile, compile_options)
+            for name, model in zip(self.zoo.names, self.zoo, strict=True)
+        }
+        return RoutedPipeline(
+            Zoo(models),
+            self.partitioner,
+            copy.deepcopy(self.estimator),
+            self.cost_model,
+            self.input_shape,
+            self.executor.max_units,
+            inference_mode=True,
+        )
+
+    def _grad_context(self) -> contextlib.AbstractContextManager[Any]:
+        """``torch.inference_mode()`` for an inference pipeline, else nothing (the caller's grad mode holds)."""
+        return torch.inference_mode() if self.inference_mode else contextlib.nullcontext()
 
     @property
     def num_actions(self) -> int:
@@ -194,6 +262,12 @@ class RoutedPipeline:
         Returns:
             Stitched probabilities, decisions and FLOPs per input.
         """
+        with self._grad_context():
+            return self._route(x, router, greedy, generator, targets)
+
+    def _route(
+        self, x: Tensor, router: Router, greedy: bool, generator: torch.Generator | None, targets: Tensor | None
+    ) -> RoutedOutput:
         self.check_input(x)
         if router.needs_targets and targets is None:
             raise ValueError(f"{type(router).__name__} needs the targets: pass targets= to route().")
@@ -241,6 +315,10 @@ class RoutedPipeline:
 
     def execute(self, x: Tensor, base: BaseOutput, actions: Tensor, router: Router | None = None) -> RoutedOutput:
         """Run given decisions ``actions [B, P]`` on ``x`` with the base output ``base``."""
+        with self._grad_context():
+            return self._execute(x, base, actions, router)
+
+    def _execute(self, x: Tensor, base: BaseOutput, actions: Tensor, router: Router | None) -> RoutedOutput:
         batch = x.shape[0]
         units = self.partitioner.split(x)
         base_units = self.partitioner.split(base.probs) if self.base_passes_needed(actions) else None

@@ -76,8 +76,15 @@ def routing_overlay(
             uh, uw = height / rows, width / cols
             for r in range(rows):
                 for c in range(cols):
-                    ax.text((c + 0.5) * uw - 0.5, (r + 0.5) * uh - 0.5, str(int(actions[i, r, c])), color="cyan",
-                            ha="center", va="center", fontsize=7)
+                    ax.text(
+                        (c + 0.5) * uw - 0.5,
+                        (r + 0.5) * uh - 0.5,
+                        str(int(actions[i, r, c])),
+                        color="cyan",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                    )
             for r in range(1, rows):
                 ax.axhline(r * uh - 0.5, color="white", lw=0.4)
             for c in range(1, cols):

@@ -116,6 +116,9 @@ def generate_battery(
     fine_scale: float = 3.5,
     region_scale: float = 14.0,
     fine_share: float = 0.4,
+    medium_share: float = 0.0,
+    medium_scale: float = 6.0,
+    medium_grain: float = 0.0,
     coarse_fractions: tuple[float, float, float] = (0.08, 0.12, 0.80),
     fine_fractions: tuple[float, float, float] = (0.30, 0.35, 0.35),
     intensities: tuple[float, float, float] = (0.15, 0.35, 0.75),
@@ -141,6 +144,14 @@ def generate_battery(
         fine_scale: Correlation length (px) of interspersed regions.
         region_scale: Correlation length (px) of the fineness field.
         fine_share: Expected share of the image that is finely interspersed.
+        medium_share: Expected share of an intermediate tier between segregated and finely
+            interspersed regions: pore- and binder-rich agglomerates of correlation length
+            ``medium_scale`` with the same partial-volume grey value, where the carbon binder's
+            nano-porous grain (std ``medium_grain`` on top of ``texture``) against a filled
+            pore's smooth grey tells them apart: a local-variance cue, easier than the fibres'
+            orientation (0 disables the tier).
+        medium_scale: Correlation length (px) of the intermediate tier.
+        medium_grain: Extra grain std of the carbon binder in the intermediate tier.
         coarse_fractions: Phase fractions (pore, carbon, nickel) in segregated regions (dense nickel).
         fine_fractions: Phase fractions in interspersed regions (binder- and pore-rich agglomerates).
         intensities: Mean grey value of each phase in segregated regions.
@@ -162,7 +173,8 @@ def generate_battery(
         chunk: Samples generated per vectorised chunk.
 
     Returns:
-        ``(images [N, 1, H, W] float32 in about [0, 1], labels [N, H, W] int64, fineness [N, H, W] float32)``.
+        ``(images [N, 1, H, W] float32 in about [0, 1], labels [N, H, W] int64, fineness [N, H, W] float32)``;
+        fineness is 0 in segregated regions, 0.5 in the intermediate tier and 1 where finely interspersed.
     """
     if num_samples < 0 or height < 8 or width < 8:
         raise ValueError(f"Expected num_samples >= 0 and an image of at least 8 x 8 but got {num_samples}, {height} x {width}.")
@@ -183,25 +195,36 @@ def generate_battery(
         n = min(chunk, num_samples - start)
         shape = (n, height, width)
         region = _smooth_noise(shape, region_scale, generator)
-        cut = torch.quantile(region.reshape(n, -1), 1.0 - fine_share, dim=1).reshape(n, 1, 1)
-        fine = torch.sigmoid((region - cut) * 6.0)  # soft region mask, 1 = interspersed
+        flat = region.reshape(n, -1)
+        cut = torch.quantile(flat, 1.0 - fine_share, dim=1).reshape(n, 1, 1)
+        fine = torch.sigmoid((region - cut) * 6.0)  # soft region mask, 1 = finely interspersed
         coarse_field = _smooth_noise(shape, coarse_scale, generator)
         fine_field = _smooth_noise(shape, fine_scale, generator)
-        field = (1.0 - fine) * coarse_field + fine * fine_field
+        medium = torch.zeros_like(fine)
+        if medium_share > 0:
+            mid_cut = torch.quantile(flat, max(1.0 - fine_share - medium_share, 0.0), dim=1).reshape(n, 1, 1)
+            medium = (torch.sigmoid((region - mid_cut) * 6.0) - fine).clamp_min(0.0)
+            medium_field = _smooth_noise(shape, medium_scale, generator)
+            field = (1.0 - fine - medium) * coarse_field + medium * medium_field + fine * fine_field
+        else:
+            field = (1.0 - fine) * coarse_field + fine * fine_field
+        mixed = fine + medium  # pore- and binder-rich, one partial-volume grey for both
         split = None
         if independent_binder > 0:
             other = (1.0 - fine) * _smooth_noise(shape, coarse_scale, generator) + fine * _smooth_noise(
                 shape, fine_scale, generator
             )
             split = (1.0 - independent_binder * fine) * field + independent_binder * fine * other
-        label = _phases(field, fine, coarse_fractions, fine_fractions, split)
+        label = _phases(field, mixed, coarse_fractions, fine_fractions, split)
         mid = 0.5 * (level[0] + level[1])
-        means = level[label] + partial_volume * fine * (label < 2).float() * (mid - level[label])
-        clean = means + grain[label] * _smooth_noise(shape, texture_scale, generator)
+        means = level[label] + partial_volume * mixed * (label < 2).float() * (mid - level[label])
+        std = grain[label] + medium_grain * medium * (label == 1).float()
+        clean = means + std * _smooth_noise(shape, texture_scale, generator)
         if fibres > 0:
             streaks = _band_noise(shape, fibre_wavelength, generator, oriented=True)
             speckle = _band_noise(shape, fibre_wavelength, generator, oriented=False)
-            clean = clean + fibres * torch.where(label == 1, streaks, torch.where(label == 0, speckle, torch.zeros_like(speckle)))
+            cue = torch.where(label == 1, streaks, torch.where(label == 0, speckle, torch.zeros_like(speckle)))
+            clean = clean + fibres * (1.0 - medium) * cue  # the intermediate tier has the grain cue only
         x = _gaussian_blur(clean.unsqueeze(1), psf_sigma)
         if downsample > 1:
             x = F.avg_pool2d(x, downsample)
@@ -210,7 +233,7 @@ def generate_battery(
             x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
         images.append(x.clamp(0.0, 1.0))
         labels.append(label)
-        fineness.append(fine)
+        fineness.append(fine + 0.5 * medium)
     if not images:
         return torch.zeros(0, 1, height, width), torch.zeros(0, height, width, dtype=torch.long), torch.zeros(0, height, width)
     return torch.cat(images), torch.cat(labels), torch.cat(fineness)

@@ -58,10 +58,18 @@ def _dropouts(model: nn.Module) -> list[nn.Module]:
 class MCDropoutEntropy(UncertaintyEstimator):
     """Predictive entropy of the mean of ``num_passes`` MC-dropout samples (Gal & Ghahramani 2016).
 
-    The passes run as **one** forward of a batch of ``num_passes * B`` inputs, with dropout
+    The passes run as **one** forward of a batch of ``num_passes * B`` inputs (per block), with dropout
     layers in training mode and every other layer (batch-norm included) in eval mode, so
     batch-norm running statistics are used and never updated. The probabilities returned
     are the MC mean; the uncertainty is the entropy of that mean (nats).
+
+    **Blocks.** A large batch runs in blocks of images, all N passes of a block as one forward,
+    each block's softmaxes averaged before the next block runs. A block holds about
+    ``block_elements`` input elements (N = 8 passes of 2 images of 1 x 112 x 128), so the
+    full-resolution maps of a small ``f_0`` and its N softmaxes stay in the CPU's cache instead
+    of N x B of them going through memory. Small batches are one block. The samples have the
+    same distribution whatever the blocking, and the shared trunk and full passes block alike
+    (the same masks in the same order).
 
     **Shared trunk.** If ``f_0`` follows timm's split, ``model(x) == forward_head(forward_features(x))``,
     and no dropout layer runs inside ``forward_features`` (probed once per model with hooks),
@@ -71,9 +79,12 @@ class MCDropoutEntropy(UncertaintyEstimator):
 
     Args:
         num_passes: Number of stochastic passes N (PaSeR: 20; 5 gives similar entropies).
-        max_batch: Optional cap on the stacked batch size (memory); split into chunks beyond it.
+        max_batch: Optional cap on a block's stacked batch size (memory); split into chunks beyond it.
         share_trunk: Use the shared trunk when ``f_0`` allows it (``False``: always N full passes).
     """
+
+    #: Input elements per block of MC passes (``num_passes x`` images x elements per image); see **Blocks**.
+    block_elements: int = 2**18
 
     def __init__(self, num_passes: int = 20, max_batch: int | None = None, share_trunk: bool = True) -> None:
         if num_passes < 1:
@@ -126,18 +137,24 @@ class MCDropoutEntropy(UncertaintyEstimator):
         for m in dropouts:
             m.train()
         try:
-            batch = x.shape[0]
             features = model.forward_features(x) if self._shares_trunk(model, x, dropouts) else None  # type: ignore[operator]
             source = x if features is None else features
             run: Callable[[Tensor], Tensor] = model if features is None else model.forward_head  # type: ignore[assignment]
-            stacked = source.unsqueeze(0).expand(self.num_passes, *source.shape).reshape(-1, *source.shape[1:])
-            chunk = self.max_batch or stacked.shape[0]
-            logits = torch.cat([run(stacked[i : i + chunk]) for i in range(0, stacked.shape[0], chunk)])
-            probs = torch.softmax(logits.float(), dim=1)
-            mean = probs.reshape(self.num_passes, batch, *probs.shape[1:]).mean(0)
+            group = max(1, self.block_elements // (self.num_passes * max(1, x[0].numel())))
+            means = [self._passes(run, source[i : i + group]) for i in range(0, x.shape[0], group)]
+            mean = means[0] if len(means) == 1 else torch.cat(means)
         finally:
             _restore(modes)
         return BaseOutput(mean, entropy(mean, dim=1))
+
+    def _passes(self, run: Callable[[Tensor], Tensor], source: Tensor) -> Tensor:
+        """The MC mean of ``num_passes`` stochastic runs of ``run`` on one block of inputs (or features)."""
+        stacked = source.unsqueeze(0).expand(self.num_passes, *source.shape).reshape(-1, *source.shape[1:])
+        chunk = self.max_batch or stacked.shape[0]
+        outs = [run(stacked[i : i + chunk]) for i in range(0, stacked.shape[0], chunk)]
+        logits = outs[0] if len(outs) == 1 else torch.cat(outs)  # one chunk: no copy
+        probs = torch.softmax(logits.float(), dim=1)
+        return probs.reshape(self.num_passes, source.shape[0], *probs.shape[1:]).mean(0)
 
     def flops(self, model: nn.Module, input_shape: tuple[int, ...]) -> int:
         """One trunk plus ``num_passes`` heads with a shared trunk, else ``num_passes`` full forwards."""
