@@ -9,6 +9,7 @@ for the replay table and the oracle.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -134,9 +135,10 @@ class Executor:
         return actions, probs
 
     def forward(self, model: nn.Module, units: Tensor) -> Tensor:
-        """``model`` on ``units``, in chunks of at most ``max_units``."""
+        """``model`` on ``units`` (as `Partitioner.split_inputs` cut them), in chunks of at most ``max_units``,
+        its output cropped back to the units (`Partitioner.crop`: a context margin is cut away)."""
         step = self.max_units or units.shape[0]
-        outs: list[Tensor] = [model(units[i : i + step]) for i in range(0, units.shape[0], step)]
+        outs: list[Tensor] = [self.partitioner.crop(model(units[i : i + step])) for i in range(0, units.shape[0], step)]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
@@ -157,11 +159,12 @@ class FlopAccountant:
         self.zoo = zoo
         self.partitioner = partitioner
         self.input_shape = tuple(input_shape)
-        self.unit_shape = partitioner.unit_shape(self.input_shape)
+        self.unit_shape = partitioner.model_unit_shape(self.input_shape)  # with its context margin, if any
         self._unit_flops: list[int] | None = None
         self._base_flops: int | None = None
         self._module_flops: dict[int, int] = {}
-        self._estimator_flops: dict[int, int] = {}
+        # per estimator object (weakly: a freed estimator's id can be reused), with the settings it was counted for
+        self._estimator_flops: weakref.WeakKeyDictionary[UncertaintyEstimator, tuple[str, int]] = weakref.WeakKeyDictionary()
 
     @property
     def base_flops(self) -> int:
@@ -172,17 +175,19 @@ class FlopAccountant:
 
     @property
     def unit_flops(self) -> list[int]:
-        """FLOPs of each model on one unit."""
+        """FLOPs of each model on one unit (with the partitioner's context margin: what the model runs on)."""
         if self._unit_flops is None:
             self._unit_flops = [count_flops(m, self.unit_shape) for m in self.zoo]
         return self._unit_flops
 
     def estimator_flops(self, estimator: UncertaintyEstimator) -> int:
-        """FLOPs per input of ``estimator`` on ``f_0`` (all its passes); cached per estimator."""
-        key = id(estimator)
-        if key not in self._estimator_flops:
-            self._estimator_flops[key] = estimator.flops(self.zoo.base, self.input_shape)
-        return self._estimator_flops[key]
+        """FLOPs per input of ``estimator`` on ``f_0`` (all its passes); cached per estimator and its settings."""
+        settings = repr(sorted(estimator.config().items())) + f"|{estimator.num_passes}"
+        cached = self._estimator_flops.get(estimator)
+        if cached is None or cached[0] != settings:
+            cached = (settings, estimator.flops(self.zoo.base, self.input_shape))
+            self._estimator_flops[estimator] = cached
+        return cached[1]
 
     def module_flops(self, module: nn.Module | None, input_shape: tuple[int, ...]) -> int:
         """FLOPs of an extra per-input module (a policy network); cached per module."""

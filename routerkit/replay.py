@@ -67,7 +67,7 @@ def build_unit_table(
         images, targets = images.to(device), targets.to(device)
         batch = images.shape[0]
         base = pipeline.estimator(pipeline.zoo.base, images)
-        units, unit_targets = part.split(images), part.split(targets)
+        units, unit_targets = part.split_inputs(images), part.split(targets)
         every = pipeline.executor.all_unit_probs(units, part.split(base.probs))
         acc, loss, unc, up, conf = [], [], [], [], []
         for i, probs in enumerate(every):

@@ -129,3 +129,22 @@ def test_executor_errors() -> None:
         Executor(zoo, part).run(units, torch.ones(2, 3, dtype=torch.long), None)
     with pytest.raises(ValueError, match="max_units"):
         Executor(zoo, part, max_units=0)
+
+
+def test_estimator_flops_follow_the_estimator_and_its_settings() -> None:
+    import gc
+
+    from routerkit.executor import FlopAccountant
+    from routerkit.models import ToySegmenter, Zoo
+    from routerkit.partitioners import PatchGrid
+    from routerkit.uncertainty import create_estimator
+
+    zoo = Zoo([ToySegmenter(width=2, dropout=0.2), ToySegmenter(width=4)])
+    acc = FlopAccountant(zoo, PatchGrid(2, 2), (1, 8, 8))
+    est = create_estimator("mc_dropout", num_passes=2)
+    two = acc.estimator_flops(est)
+    est.num_passes = 6  # changed in place: counted again
+    assert acc.estimator_flops(est) == 3 * two
+    for passes in (1, 4, 1, 4):  # new estimators, possibly at a freed one's address, are never served a stale count
+        assert acc.estimator_flops(create_estimator("mc_dropout", num_passes=passes)) == passes * two // 2
+        gc.collect()

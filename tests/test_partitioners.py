@@ -105,3 +105,60 @@ def test_whole_input_identity(shape: tuple[int, ...]) -> None:
     assert part.unit_shape(shape[1:]) == shape[1:]
     with pytest.raises(ValueError, match="Expected 4 units"):
         part.stitch(torch.zeros(3, 1), 4)
+
+
+# --- context margin (halo) ---------------------------------------------------------------------------
+
+
+def test_a_halo_widens_each_unit_with_its_neighbours_and_crop_undoes_it() -> None:
+    import torch
+
+    from routerkit.partitioners import PatchGrid
+
+    grid = PatchGrid(2, 2, halo=2)
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    units = grid.split_inputs(x)
+    assert units.shape == (8, 3, 8, 8) and grid.model_unit_shape((3, 8, 8)) == (3, 8, 8)
+    assert torch.equal(grid.crop(units), grid.split(x))
+    # unit 3 of sample 0 is the bottom-right patch: its halo holds the neighbouring pixels above and left
+    assert torch.equal(units[3, :, :, :], torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")[0, :, 4:12, 4:12])
+    assert torch.equal(units[3, 0, 0, 2:6], x[0, 0, 2, 4:8])  # two rows above the patch, inside the image
+    assert torch.equal(units[0, 0, 2:6, 0], x[0, 0, 0:4, 2])  # reflected at the image's left border
+
+
+def test_no_halo_is_the_plain_split() -> None:
+    import torch
+
+    from routerkit.partitioners import PatchGrid
+
+    grid = PatchGrid(2, 2)
+    x = torch.randn(1, 1, 8, 8)
+    assert grid.halo == 0 and torch.equal(grid.split_inputs(x), grid.split(x)) and grid.crop(x) is x
+
+
+@pytest.mark.parametrize("halo", [-1, 1.5, True, "2"])
+def test_a_bad_halo_is_refused(halo: object) -> None:
+    from routerkit.partitioners import PatchGrid
+
+    with pytest.raises(ValueError, match="halo"):
+        PatchGrid(2, 2, halo=halo)  # type: ignore[arg-type]
+
+
+def test_a_routed_pipeline_with_a_halo_charges_the_widened_units() -> None:
+    import torch
+
+    from routerkit import PatchGrid, RoutedPipeline, Zoo, create_router
+    from routerkit.models import UNet
+
+    torch.manual_seed(0)
+    zoo = Zoo({"f0": UNet(1, 3, 2, 1, dropout=0.1), "f1": UNet(1, 3, 4, 1)}).eval()
+    plain = RoutedPipeline(zoo, PatchGrid(2, 2), "mc_dropout", "flops", (1, 16, 16))
+    wide = RoutedPipeline(zoo, PatchGrid(2, 2, halo=4), "mc_dropout", "flops", (1, 16, 16))
+    router = create_router("single", num_actions=2, grid_shape=(2, 2), index=1)
+    x = torch.rand(3, 1, 16, 16)
+    a, b = plain.route(x, router), wide.route(x, router)
+    assert a.probs.shape == b.probs.shape == (3, 3, 16, 16)
+    assert wide.accountant.unit_flops[1] == pytest.approx(plain.accountant.unit_flops[1] * (16 * 16) / (8 * 8), rel=0.05)
+    assert float(b.flops[0]) > float(a.flops[0])
+    # the unit's centre gets the same prediction only if the model ignores context: a UNet does not
+    assert not torch.allclose(a.probs, b.probs)

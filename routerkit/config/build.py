@@ -162,7 +162,7 @@ def _with_measured_costs(cfg: ExperimentConfig, pipeline: RoutedPipeline) -> Exp
         ConfigError: Given cost params do not fit the zoo (``cost.params.seconds`` of another length).
     """
     try:
-        measured = pipeline.cost_model.measure(pipeline.zoo, pipeline.unit_shape)
+        measured = pipeline.cost_model.measure(pipeline.zoo, pipeline.model_unit_shape)
     except ValueError as err:
         raise ConfigError(f"cost: {err}") from None
     if not measured:

@@ -324,7 +324,7 @@ def check_zoo_outputs(
     Raises:
         ConfigError: Naming ``zoo.models.N (name)`` and the expected vs actual shape.
     """
-    unit_shape = tuple(partitioner.unit_shape(input_shape))
+    unit_shape = tuple(partitioner.model_unit_shape(input_shape))  # a unit with its context margin
     classification = data.train.targets.dim() == 1
     num_classes = data.num_classes
     for i, name in enumerate(zoo.names):

@@ -143,14 +143,14 @@ class JointFineTuning(Stage):
                     for m in zoo[i].modules():
                         if isinstance(m, nn.modules.batchnorm._BatchNorm):
                             m.eval()
-            units, unit_targets = part.split(images), part.split(targets)
+            units, unit_targets = part.split_inputs(images), part.split(targets)
             execution = self.pipeline.executor.run(units, actions, part.split(base.probs))
             # Large models: cross-entropy on their units.
             logs: dict[str, float] = {}
             for i, (idx, z) in execution.logits.items():
                 key = zoo.names[i]
                 if self.large_on == "all":
-                    z = zoo[i](units)
+                    z = part.crop(zoo[i](units))
                     idx = torch.arange(units.shape[0])
                 loss_i = _ce(z, unit_targets[idx], self.ignore_index)
                 self.optimizers[key].zero_grad(set_to_none=True)
@@ -176,5 +176,5 @@ class JointFineTuning(Stage):
         out["charts/alpha"] = alpha
         if not self.freeze_bn:  # the running averages saw only the skewed routed subsets: recompute them on D_FT
             for i in range(1, len(zoo)):
-                recompute_bn_statistics(zoo[i], (part.split(x) for x, _ in self.data.batches(self.settings.batch_size)))
+                recompute_bn_statistics(zoo[i], (part.split_inputs(x) for x, _ in self.data.batches(self.settings.batch_size)))
         return out

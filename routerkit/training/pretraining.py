@@ -254,8 +254,8 @@ class LargeModelPretraining(_CheckedPretraining):
             for images, targets in data.batches(self.settings.batch_size, shuffle=True, generator=self.generator):
                 if self.augment:
                     images, targets = _augment(images, targets, self.generator)[:2]
-                units, unit_targets = part.split(images), part.split(targets)
-                loss = _ce(model(units), unit_targets, self.ignore_index)
+                units, unit_targets = part.split_inputs(images), part.split(targets)
+                loss = _ce(part.crop(model(units)), unit_targets, self.ignore_index)
                 self.optimizers[key].zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizers[key].step()
@@ -269,10 +269,10 @@ class LargeModelPretraining(_CheckedPretraining):
         data = self.model_data.get(i, self.data)
 
         def forward(images: Tensor) -> Tensor:
-            return part.stitch(model(part.split(images)), images.shape[0])
+            return part.stitch(part.crop(model(part.split_inputs(images))), images.shape[0])
 
         def bn_inputs() -> Iterable[Tensor]:
-            return (part.split(images) for images, _ in data.batches(self.settings.batch_size))
+            return (part.split_inputs(images) for images, _ in data.batches(self.settings.batch_size))
 
         return self.pipeline.zoo.names[i], model, forward, bn_inputs
 
@@ -350,7 +350,7 @@ class BaseModelPretraining(_CheckedPretraining):
             teacher.eval()
             chunks = []
             for images, _ in self.data.batches(self.teacher_batch):
-                chunks.append(part.stitch(teacher(part.split(images)), images.shape[0]))
+                chunks.append(part.stitch(part.crop(teacher(part.split_inputs(images))), images.shape[0]))
             self._teacher = torch.cat(chunks)
         return self._teacher
 
@@ -399,7 +399,7 @@ class BaseModelPretraining(_CheckedPretraining):
             val = c.model_validation.get(zoo.names[i], c.validation)
 
             def forward(images: Tensor, model: nn.Module = model) -> Tensor:
-                return part.stitch(model(part.split(images)), images.shape[0])
+                return part.stitch(part.crop(model(part.split_inputs(images))), images.shape[0])
 
             score = self._score(model_quality(forward, model, val, c.num_classes, self.ignore_index, c.batch_size))
             base = self._score(model_quality(base_model, base_model, val, c.num_classes, self.ignore_index, c.batch_size))
