@@ -62,7 +62,7 @@ def build_unit_table(
         raise ValueError("Cannot build a unit table of an empty split.")
     pipeline.zoo.eval()
     part, num_models = pipeline.partitioner, len(pipeline.zoo)
-    rows: dict[str, list[Tensor]] = {k: [] for k in ("probs", "unc", "acc", "loss", "uncm", "up", "conf")}
+    rows: dict[str, list[Tensor]] = {k: [] for k in ("probs", "unc", "inputs", "acc", "loss", "uncm", "up", "conf")}
     for images, targets in data.batches(batch_size):
         images, targets = images.to(device), targets.to(device)
         batch = images.shape[0]
@@ -87,10 +87,11 @@ def build_unit_table(
         rows["conf"].append(torch.stack(conf, 1).reshape(*shape, num_classes, num_classes).cpu())
         rows["probs"].append(base.probs.cpu())
         rows["unc"].append(base.uncertainty.cpu())
+        rows["inputs"].append(images.cpu())
     acct = pipeline.accountant
     unit_flops = torch.tensor([0, *acct.unit_flops[1:]], dtype=torch.float64)
     return UnitTable(
-        base=BaseOutput(torch.cat(rows["probs"]), torch.cat(rows["unc"])),
+        base=BaseOutput(torch.cat(rows["probs"]), torch.cat(rows["unc"]), torch.cat(rows["inputs"])),
         accuracy=torch.cat(rows["acc"]),
         loss=torch.cat(rows["loss"]),
         uncertainty=torch.cat(rows["uncm"]),
@@ -119,7 +120,7 @@ def routed_flops(pipeline: RoutedPipeline, router: Router, table: UnitTable, act
     """
     policy = 0.0
     if router.flops_module() is not None:
-        policy = float(pipeline.policy_flops(router, BaseOutput(table.base.probs[:1], table.base.uncertainty[:1])))
+        policy = float(pipeline.policy_flops(router, table.base.select(slice(0, 1))))
     return table.flops(
         actions,
         cascade=router.is_cascade,

@@ -28,7 +28,7 @@ class UnitTable:
     """Replayed per-unit outputs of every model on one split.
 
     Attributes:
-        base: ``f_0``'s state on the whole inputs (probabilities ``[N, K, ...]`` and uncertainty).
+        base: ``f_0``'s state on the whole inputs (probabilities ``[N, K, ...]``, uncertainty and the inputs).
         accuracy: ``[N, P, A]`` accuracy term of each model on each unit.
         loss: ``[N, P, A]`` mean cross-entropy of each model on each unit.
         uncertainty: ``[N, P, A]`` mean uncertainty of each model on each unit: the estimator's
@@ -70,7 +70,7 @@ class UnitTable:
     def to(self, device: torch.device | str) -> UnitTable:
         """The table with its per-input tensors on ``device`` (costs and per-model FLOPs stay as they are)."""
         return UnitTable(
-            BaseOutput(self.base.probs.to(device), self.base.uncertainty.to(device)),
+            self.base.to(device),
             self.accuracy.to(device),
             self.loss.to(device),
             self.uncertainty.to(device),
@@ -85,7 +85,7 @@ class UnitTable:
     def subset(self, index: Tensor) -> UnitTable:
         """The rows ``index`` of the table (inputs)."""
         return UnitTable(
-            BaseOutput(self.base.probs[index], self.base.uncertainty[index]),
+            self.base.select(index),
             self.accuracy[index],
             self.loss[index],
             self.uncertainty[index],

@@ -125,6 +125,7 @@ class IDKCascade(CascadeRouter):
         mean, std = self.stage_statistics(table)
         return mean + offset * std
 
+
 class StopPolicy(nn.Module):
     """Guan et al.'s per-stage stop policy: a small MLP on ``[mean probs (K), uncertainty, max prob]``."""
 

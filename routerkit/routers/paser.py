@@ -33,6 +33,10 @@ class PaSeRRouter(Router):
         width: Conv policy width (``hidden`` for the MLP policy).
         init_bias: Optional initial logit of each action (e.g. a prior towards ``f_0``).
         num_classes: Classes K (the state then has K + 1 channels; overrides ``in_channels``).
+        input_channels: Channels of the input itself added to the policy's state (0: the paper's
+            state, ``f_0``'s probabilities and uncertainty only). With the input the policy can see
+            what ``f_0``'s output does not show (a texture ``f_0`` cannot resolve); its FLOPs grow
+            by the first convolution's extra input channels. Spatial states only.
     """
 
     is_trainable = True
@@ -46,9 +50,16 @@ class PaSeRRouter(Router):
         width: int = 12,
         init_bias: list[float] | None = None,
         num_classes: int | None = None,
+        input_channels: int = 0,
     ) -> None:
         super().__init__(num_actions, grid_shape, in_channels, spatial, num_classes)
-        in_channels = self.in_channels
+        if isinstance(input_channels, bool) or not isinstance(input_channels, int) or input_channels < 0:
+            raise ValueError(f"Expected router.params.input_channels to be an integer >= 0 but got {input_channels!r}.")
+        if input_channels and not spatial:
+            raise ValueError("router.params.input_channels needs a spatial state (segmentation); this task's state is a vector.")
+        self.input_channels = input_channels
+        state_channels = self.in_channels  # K + 1
+        in_channels = state_channels + input_channels
         self.policy: nn.Module
         if spatial:
             self.policy = ConvPolicy(in_channels, num_actions, self.grid_shape, width)
@@ -67,7 +78,7 @@ class PaSeRRouter(Router):
             with torch.no_grad():
                 bias.copy_(torch.as_tensor(init_bias, dtype=torch.float32))
         self.entropy_scale: Tensor
-        self.register_buffer("entropy_scale", torch.tensor(1.0 / math.log(max(in_channels - 1, 2))))
+        self.register_buffer("entropy_scale", torch.tensor(1.0 / math.log(max(state_channels - 1, 2))))
         #: Added to the logits when deciding; set by budget calibration (``routerkit calibrate``).
         self.logit_bias: Tensor
         self.register_buffer("logit_bias", torch.zeros(num_actions))
@@ -82,14 +93,28 @@ class PaSeRRouter(Router):
         return {"logit_bias"}
 
     def policy_input(self, state: BaseOutput) -> Tensor:
-        """The policy input ``[B, K + 1, ...]`` (uncertainty scaled to [0, 1])."""
-        return torch.cat([state.probs, (state.uncertainty * self.entropy_scale).unsqueeze(1)], dim=1)
+        """The policy input ``[B, K + 1 (+ C), ...]``: probabilities, uncertainty scaled to [0, 1] (and the input)."""
+        parts = [state.probs, (state.uncertainty * self.entropy_scale).unsqueeze(1)]
+        if self.input_channels:
+            if state.inputs is None or state.inputs.dim() != state.probs.dim() or state.inputs.shape[2:] != state.probs.shape[2:]:
+                got = "none" if state.inputs is None else tuple(state.inputs.shape)
+                raise ValueError(
+                    f"router.params.input_channels={self.input_channels}: the policy reads the input, which must be "
+                    f"[B, {self.input_channels}, *{tuple(state.probs.shape[2:])}], but got {got}."
+                )
+            if state.inputs.shape[1] != self.input_channels:
+                raise ValueError(
+                    f"router.params.input_channels is {self.input_channels} but the input has {state.inputs.shape[1]} channels."
+                )
+            parts.append(state.inputs.to(state.probs.dtype))
+        return torch.cat(parts, dim=1)
 
     def logits(self, state: BaseOutput) -> Tensor:
         """Per-unit action logits ``[B, P, A]``."""
         x = self.policy_input(state)
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"Expected a state with {self.in_channels} channels (K + 1) but got {x.shape[1]}.")
+        expected = self.in_channels + self.input_channels
+        if x.shape[1] != expected:
+            raise ValueError(f"Expected a state with {expected} channels (K + 1 + input channels) but got {x.shape[1]}.")
         return self.policy(x)
 
     def _route(self, state: BaseOutput, greedy: bool, generator: torch.Generator | None) -> Tensor:

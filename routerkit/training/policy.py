@@ -116,13 +116,11 @@ class _ReplayedPolicy(Stage):
 
     def update(self, idx: Tensor, alpha: float, lam: float | None = None) -> dict[str, float]:
         """One policy-gradient step on the replayed inputs ``idx`` (``lam`` overrides the reward's lambda)."""
-        from routerkit.uncertainty import BaseOutput
-
         cache = self.build_cache()
-        probs, unc, acc = cache.base.probs, cache.base.uncertainty, cache.accuracy
+        acc = cache.accuracy
         costs = self.pipeline.costs.to(acc.device)
         self.router.train()
-        logits = self.router.logits(BaseOutput(probs[idx], unc[idx]))
+        logits = self.router.logits(cache.base.select(idx))
         actions = explore_exploit_sample(logits, alpha, self.generator)
         table = acc[idx]  # [B, P, A]
         all_rewards = self.reward(table, table[..., :1].expand_as(table), costs.expand_as(table), lam)
@@ -388,10 +386,9 @@ class PolicyFineTuning(_ReplayedPolicy):
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
         cache = self.build_cache()
-        probs, unc = cache.base.probs, cache.base.uncertainty
-        n = probs.shape[0]
+        n = cache.base.probs.shape[0]
         if self.reference is None:
-            self.reference = policy_probs(self.router, probs, unc)
+            self.reference = policy_probs(self.router, cache.base)
         steps_per_epoch = -(-n // self.settings.batch_size)
         total = max(self.settings.epochs * steps_per_epoch, 1)
         alpha = linear_schedule(self.alpha_start, self.alpha_end, epoch, self.settings.epochs)
@@ -404,7 +401,7 @@ class PolicyFineTuning(_ReplayedPolicy):
             lam = linear_schedule(self.lam_start, self.lam_end, self.step, total)
             before = copy.deepcopy(self.router.state_dict()), copy.deepcopy(self.optimizers["router"].state_dict())
             self.update(order[start : start + self.settings.batch_size], alpha, lam)
-            tvd = total_variation(policy_probs(self.router, probs, unc), self.reference)
+            tvd = total_variation(policy_probs(self.router, cache.base), self.reference)
             if tvd > self.tvd_threshold:
                 self.router.load_state_dict(before[0])
                 self.optimizers["router"].load_state_dict(before[1])

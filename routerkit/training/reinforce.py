@@ -17,6 +17,7 @@ from routerkit.functional import reinforce_loss, total_variation_distance
 
 if TYPE_CHECKING:
     from routerkit.routers.paser import PaSeRRouter
+    from routerkit.uncertainty import BaseOutput
 
 __all__ = [
     "BASELINES",
@@ -118,16 +119,12 @@ def expected_reward_loss(logits: Tensor, all_rewards: Tensor, entropy_coef: floa
 
 
 @torch.no_grad()
-def policy_probs(router: PaSeRRouter, probs: Tensor, uncertainty: Tensor, batch_size: int = 256) -> Tensor:
+def policy_probs(router: PaSeRRouter, base: BaseOutput, batch_size: int = 256) -> Tensor:
     """The policy's action distribution ``[N, P, A]`` on replayed base states (eval mode)."""
-    from routerkit.uncertainty import BaseOutput
-
     was_training = router.training
     router.eval()
-    out = [
-        torch.softmax(router.logits(BaseOutput(probs[i : i + batch_size], uncertainty[i : i + batch_size])).float(), -1)
-        for i in range(0, probs.shape[0], batch_size)
-    ]
+    n = base.probs.shape[0]
+    out = [torch.softmax(router.logits(base.select(slice(i, i + batch_size))).float(), -1) for i in range(0, n, batch_size)]
     router.train(was_training)
     return torch.cat(out)
 

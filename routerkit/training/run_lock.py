@@ -65,9 +65,7 @@ class RunLock:
         self._handle = handle
         return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self._handle is not None:
             try:
                 self._handle.seek(0)

@@ -19,10 +19,22 @@ class BaseOutput:
     Attributes:
         probs: ``[B, K, ...]`` class probabilities (the MC mean for MC dropout).
         uncertainty: ``[B, ...]`` per-pixel (or per-sample) uncertainty, higher = less sure.
+        inputs: ``[B, C, ...]`` the inputs ``f_0`` ran on (set by `UncertaintyEstimator.__call__`;
+            a router may read them too, e.g. PaSeR with ``input_channels``), or ``None``.
     """
 
     probs: Tensor
     uncertainty: Tensor
+    inputs: Tensor | None = None
+
+    def select(self, index: Tensor | slice) -> BaseOutput:
+        """The rows ``index`` (inputs) of every tensor."""
+        return BaseOutput(self.probs[index], self.uncertainty[index], None if self.inputs is None else self.inputs[index])
+
+    def to(self, device: torch.device | str) -> BaseOutput:
+        """Every tensor on ``device``."""
+        inputs = None if self.inputs is None else self.inputs.to(device)
+        return BaseOutput(self.probs.to(device), self.uncertainty.to(device), inputs)
 
     @property
     def pred(self) -> Tensor:
@@ -48,6 +60,8 @@ class UncertaintyEstimator(ABC):
     @torch.no_grad()
     def __call__(self, model: nn.Module, x: Tensor) -> BaseOutput:
         out = self._estimate(model, x)
+        if out.inputs is None:
+            out.inputs = x
         if out.probs.shape[0] != x.shape[0] or out.uncertainty.shape != out.probs.shape[:1] + out.probs.shape[2:]:
             raise RuntimeError(
                 f"{type(self).__name__} returned probs {tuple(out.probs.shape)} and uncertainty "

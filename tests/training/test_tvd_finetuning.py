@@ -42,14 +42,14 @@ def _finetune(pretrained: Any, threshold: float, epochs: int = 30) -> tuple[Poli
     pipe, table, state = pretrained
     router = PaSeRRouter(3, in_channels=K + 1, spatial=False, width=8)
     router.load_state_dict(state)
-    before = policy_probs(router, table.base.probs, table.base.uncertainty)
+    before = policy_probs(router, table.base)
     stage = PolicyFineTuning(
         pipe, router, PaSeRReward(LAM), Correctness(K), known_split(60, 0), StageSettings(epochs, 3e-2, 20), 1,
         tvd_threshold=threshold, lam_end=1.0, cache=_cache(table),
     )  # fmt: skip
     for epoch in range(epochs):
         stage.run_epoch(epoch)
-    return stage, before, policy_probs(router, table.base.probs, table.base.uncertainty)
+    return stage, before, policy_probs(router, table.base)
 
 
 def test_total_variation() -> None:
