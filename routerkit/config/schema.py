@@ -241,6 +241,12 @@ class FinetuneConfig(OptimConfig):
         "fine-tuning stops before the policy's total-variation distance from the stage's starting policy exceeds this.",
     )
     lam_end: Float | None = Field(None, ge=0, le=1, description="Final lambda of the linear schedule (with tvd_threshold).")
+    tvd_on: Literal["decisions", "probs"] = Field(
+        "decisions",
+        description="What the TVD threshold measures: 'decisions', the share of units whose greedy model changed (what "
+        "evaluation uses), or 'probs', the TVD of the action probabilities (the paper's literal reading; a saturated "
+        "policy spends it softening probabilities without changing a decision).",
+    )
 
     @model_validator(mode="after")
     def _tvd(self) -> FinetuneConfig:

@@ -38,14 +38,16 @@ def _cache(table: UnitTable) -> UnitTable:
     return table
 
 
-def _finetune(pretrained: Any, threshold: float, epochs: int = 30) -> tuple[PolicyFineTuning, torch.Tensor, torch.Tensor]:
+def _finetune(
+    pretrained: Any, threshold: float, epochs: int = 30, tvd_on: str = "probs"
+) -> tuple[PolicyFineTuning, torch.Tensor, torch.Tensor]:
     pipe, table, state = pretrained
     router = PaSeRRouter(3, in_channels=K + 1, spatial=False, width=8)
     router.load_state_dict(state)
     before = policy_probs(router, table.base)
     stage = PolicyFineTuning(
         pipe, router, PaSeRReward(LAM), Correctness(K), known_split(60, 0), StageSettings(epochs, 3e-2, 20), 1,
-        tvd_threshold=threshold, lam_end=1.0, cache=_cache(table),
+        tvd_threshold=threshold, lam_end=1.0, cache=_cache(table), tvd_on=tvd_on,
     )  # fmt: skip
     for epoch in range(epochs):
         stage.run_epoch(epoch)
@@ -99,3 +101,17 @@ def test_state_round_trip_and_arguments(pretrained: Any) -> None:
         PolicyFineTuning(*args[:2], PaSeRReward(0.3), *args[3:], tvd_threshold=0.2, lam_end=0.1)
     with pytest.raises(ValueError, match="tvd_threshold"):
         PolicyFineTuning(*args, tvd_threshold=1.5, lam_end=0.5)
+    with pytest.raises(ValueError, match="tvd_on"):
+        PolicyFineTuning(*args, tvd_threshold=0.2, lam_end=0.5, tvd_on="logits")
+
+
+def _greedy(probs: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]).float()
+
+
+@pytest.mark.parametrize("threshold", [0.05, 0.2])
+def test_measured_on_decisions_the_threshold_bounds_the_units_that_move(pretrained: Any, threshold: float) -> None:
+    stage, before, after = _finetune(pretrained, threshold, tvd_on="decisions")
+    moved = total_variation(_greedy(after), _greedy(before))  # share of units whose model changed
+    assert moved <= threshold + 1e-6 and moved == pytest.approx(stage.tvd, abs=1e-6)
+
