@@ -114,4 +114,3 @@ def test_measured_on_decisions_the_threshold_bounds_the_units_that_move(pretrain
     stage, before, after = _finetune(pretrained, threshold, tvd_on="decisions")
     moved = total_variation(_greedy(after), _greedy(before))  # share of units whose model changed
     assert moved <= threshold + 1e-6 and moved == pytest.approx(stage.tvd, abs=1e-6)
-
