@@ -219,7 +219,7 @@ def main() -> None:
     shares = torch.bincount(flat, minlength=num_models) / flat.numel()
     print(f"mix ({'/'.join(f'f{i}' for i in range(num_models))}): {[round(float(v), 3) for v in shares]}\n")
 
-    units = part.split(x)
+    units = part.split_inputs(x)  # what a unit's model runs on (with the partitioner's halo, if any)
     print(
         "| lever (cumulative) | s / batch | of which f_0's state | largest model on every patch, s | wall-clock speed-up "
         "| routed GFLOPs / input | GFLOP ratio | speed-up / GFLOP ratio |"
@@ -261,6 +261,11 @@ def main() -> None:
         t_base = best_of(lambda: pipe.estimator(pipe.zoo.base, x), args.repeats)
         state = pipe.estimator(pipe.zoo.base, x)
         t_policy = best_of(lambda: policy.route(state), args.repeats)
+        t_models = {}
+        for i in range(1, num_models):
+            chosen = units[torch.nonzero(flat == i, as_tuple=True)[0]]
+            if chosen.shape[0]:
+                t_models[i] = (chosen.shape[0], best_of(lambda m=pipe.zoo[i], u=chosen: m(u), args.repeats))
 
         def per_patch_loop() -> None:
             base = pipe.estimator(pipe.zoo.base, x)
@@ -269,7 +274,7 @@ def main() -> None:
             out = torch.empty_like(base_units)
             for u in range(flat.numel()):
                 a = int(flat[u])
-                out[u] = base_units[u] if a == 0 else torch.softmax(pipe.zoo[a](units[u : u + 1]), 1)[0]
+                out[u] = base_units[u] if a == 0 else torch.softmax(part.crop(pipe.zoo[a](units[u : u + 1])), 1)[0]
             part.stitch(out, args.batch)
 
         t_loop = best_of(per_patch_loop, max(1, args.repeats // 2))
@@ -287,6 +292,8 @@ def main() -> None:
     )
     print(f"| of which f_0's state ({passes} MC passes, one batched forward) | {t_base:.4f} | {t_base / t_pipe:.2f} |")
     print(f"| of which the policy network | {t_policy:.4f} | {t_policy / t_pipe:.2f} |")
+    for i, (count, seconds) in t_models.items():
+        print(f"| of which {zoo.names[i]} on its {count} units | {seconds:.4f} | {seconds / t_pipe:.2f} |")
     print(f"| per-patch Python loop (batch 1 per patch) | {t_loop:.4f} | pipeline {t_loop / t_pipe:.1f}x faster |")
     print(f"| largest model on every patch | {t_large:.4f} | wall-clock speed-up {t_large / t_pipe:.2f}x |")
     print(

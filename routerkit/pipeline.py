@@ -87,6 +87,8 @@ class RoutedPipeline:
         self.cost_model = create_cost(cost_model)
         self.input_shape = tuple(input_shape)
         self.unit_shape = partitioner.unit_shape(self.input_shape)
+        #: What a unit's model runs on: the unit with the partitioner's context margin (costs and FLOPs use it).
+        self.model_unit_shape = partitioner.model_unit_shape(self.input_shape)
         self.executor = Executor(zoo, partitioner, max_units)
         self.accountant = FlopAccountant(zoo, partitioner, self.input_shape)
         self.inference_mode = inference_mode
@@ -162,7 +164,7 @@ class RoutedPipeline:
     def costs(self) -> Tensor:
         """``[m + 1]`` normalised unit costs from the cost model (cached)."""
         if self._costs is None:
-            self._costs = self.cost_model.costs(self.zoo, self.unit_shape)
+            self._costs = self.cost_model.costs(self.zoo, self.model_unit_shape)
         return self._costs
 
     def _param_dtype(self) -> torch.dtype:
@@ -275,7 +277,7 @@ class RoutedPipeline:
         part = self.partitioner
         if router.is_cascade:
             unit_unc = part.split(base.uncertainty.unsqueeze(1)).squeeze(1)
-            flat, unit_probs = self.executor.run_cascade(part.split(x), part.split(base.probs), unit_unc, router)
+            flat, unit_probs = self.executor.run_cascade(part.split_inputs(x), part.split(base.probs), unit_unc, router)
             actions = flat.reshape(x.shape[0], part.num_units)
             probs = part.stitch(unit_probs, x.shape[0])
             return RoutedOutput(probs, actions, self.flops(actions, router, base), base, Execution(unit_probs))
@@ -290,7 +292,7 @@ class RoutedPipeline:
     def _labelled_decisions(self, x: Tensor, targets: Tensor, base: BaseOutput, router: Router) -> Tensor:
         """An oracle's decisions: every model scored on every unit (by the executor) against the labels."""
         part = self.partitioner
-        units, unit_targets = part.split(x), part.split(targets)
+        units, unit_targets = part.split_inputs(x), part.split(targets)
         every = self.executor.all_unit_probs(units, part.split(base.probs))
         scores = torch.stack([router.unit_scores(p, unit_targets) for p in every], -1)
         scores = scores.reshape(x.shape[0], part.num_units, self.num_actions)
@@ -320,7 +322,7 @@ class RoutedPipeline:
 
     def _execute(self, x: Tensor, base: BaseOutput, actions: Tensor, router: Router | None) -> RoutedOutput:
         batch = x.shape[0]
-        units = self.partitioner.split(x)
+        units = self.partitioner.split_inputs(x)
         base_units = self.partitioner.split(base.probs) if self.base_passes_needed(actions) else None
         execution = self.executor.run(units, actions, base_units)
         probs = self.partitioner.stitch(execution.unit_probs, batch)

@@ -63,13 +63,13 @@ class MCDropoutEntropy(UncertaintyEstimator):
     batch-norm running statistics are used and never updated. The probabilities returned
     are the MC mean; the uncertainty is the entropy of that mean (nats).
 
-    **Blocks.** A large batch runs in blocks of images, all N passes of a block as one forward,
-    each block's softmaxes averaged before the next block runs. A block holds about
-    ``block_elements`` input elements (N = 8 passes of 2 images of 1 x 112 x 128), so the
-    full-resolution maps of a small ``f_0`` and its N softmaxes stay in the CPU's cache instead
-    of N x B of them going through memory. Small batches are one block. The samples have the
-    same distribution whatever the blocking, and the shared trunk and full passes block alike
-    (the same masks in the same order).
+    **Blocks (CPU).** On a CPU a large batch runs in blocks of images, all N passes of a block
+    as one forward, each block's softmaxes averaged before the next block runs. A block holds
+    about ``block_elements`` elements of what the passes run on (N x 4 inputs of 1 x 112 x 128
+    at N = 8, or N x 2 of a shared trunk's 2-channel features), so the full-resolution maps of
+    a small ``f_0`` and its N softmaxes stay in the cache instead of N x B of them going
+    through memory. Small batches, and every batch on an accelerator, are one block. The
+    samples have the same distribution whatever the blocking.
 
     **Shared trunk.** If ``f_0`` follows timm's split, ``model(x) == forward_head(forward_features(x))``,
     and no dropout layer runs inside ``forward_features`` (probed once per model with hooks),
@@ -83,8 +83,9 @@ class MCDropoutEntropy(UncertaintyEstimator):
         share_trunk: Use the shared trunk when ``f_0`` allows it (``False``: always N full passes).
     """
 
-    #: Input elements per block of MC passes (``num_passes x`` images x elements per image); see **Blocks**.
-    block_elements: int = 2**18
+    #: Elements per block of MC passes on a CPU (``num_passes`` x images x elements of one input or
+    #: of its trunk features); see **Blocks**.
+    block_elements: int = 2**19
 
     def __init__(self, num_passes: int = 20, max_batch: int | None = None, share_trunk: bool = True) -> None:
         if num_passes < 1:
@@ -140,7 +141,9 @@ class MCDropoutEntropy(UncertaintyEstimator):
             features = model.forward_features(x) if self._shares_trunk(model, x, dropouts) else None  # type: ignore[operator]
             source = x if features is None else features
             run: Callable[[Tensor], Tensor] = model if features is None else model.forward_head  # type: ignore[assignment]
-            group = max(1, self.block_elements // (self.num_passes * max(1, x[0].numel())))
+            group = x.shape[0]  # images per block: all of them on an accelerator, cache-sized on a CPU
+            if x.device.type == "cpu":
+                group = max(1, self.block_elements // (self.num_passes * max(1, source[0].numel())))
             means = [self._passes(run, source[i : i + group]) for i in range(0, x.shape[0], group)]
             mean = means[0] if len(means) == 1 else torch.cat(means)
         finally:
@@ -149,7 +152,7 @@ class MCDropoutEntropy(UncertaintyEstimator):
 
     def _passes(self, run: Callable[[Tensor], Tensor], source: Tensor) -> Tensor:
         """The MC mean of ``num_passes`` stochastic runs of ``run`` on one block of inputs (or features)."""
-        stacked = source.unsqueeze(0).expand(self.num_passes, *source.shape).reshape(-1, *source.shape[1:])
+        stacked = torch.cat([source] * self.num_passes)  # pass-major; keeps the memory format (channels-last)
         chunk = self.max_batch or stacked.shape[0]
         outs = [run(stacked[i : i + chunk]) for i in range(0, stacked.shape[0], chunk)]
         logits = outs[0] if len(outs) == 1 else torch.cat(outs)  # one chunk: no copy

@@ -141,6 +141,42 @@ def test_mc_dropout_batched_forwards(n: int, b: int, max_batch: int | None, expe
     assert len(sizes) == math.ceil(n * b / (max_batch or n * b))
 
 
+def test_mc_dropout_runs_large_batches_in_blocks_of_images() -> None:
+    model = ToySegmenter(in_channels=1, num_classes=3, width=4, dropout=0.3).eval()
+    x = torch.randn(5, 1, 4, 4)
+    estimator = MCDropoutEntropy(num_passes=3)
+    estimator.block_elements = 3 * 2 * 16  # 3 passes of 2 images of 16 elements per block
+    sizes = count_calls(model)
+    torch.manual_seed(0)
+    blocked = estimator(model, x)
+    assert sizes == [6, 6, 3]  # all passes of a block in one forward
+    # The same as each block on its own, in order, from the same random stream.
+    torch.manual_seed(0)
+    alone = [MCDropoutEntropy(num_passes=3)(model, x[i : i + 2]) for i in range(0, 5, 2)]
+    assert torch.allclose(blocked.probs, torch.cat([a.probs for a in alone]), atol=1e-6)
+    assert torch.allclose(blocked.uncertainty, torch.cat([a.uncertainty for a in alone]), atol=1e-6)
+
+
+def test_mc_dropout_blocks_follow_what_the_passes_run_on() -> None:
+    net = UNet(1, 3, base_channels=2, depth=1, dropout=0.2, dropout_at="head").eval()
+    x = torch.randn(5, 1, 6, 8)
+    shared, full = MCDropoutEntropy(num_passes=4), MCDropoutEntropy(num_passes=4, share_trunk=False)
+    shared.block_elements = full.block_elements = 4 * 2 * 48  # 2 inputs of 1 x 6 x 8, or 1 of their 2-channel features
+    heads, passes = count_calls(net.head), count_calls(net)
+    shared(net, x)
+    assert heads == [4] * 5 and passes == []
+    heads.clear()
+    full(net, x)
+    assert passes == [8, 8, 4] and heads == [8, 8, 4]
+
+
+def test_mc_dropout_keeps_channels_last_features() -> None:
+    net = UNet(1, 3, base_channels=4, depth=1, dropout=0.2, dropout_at="head").eval().to(memory_format=torch.channels_last)
+    seen = record_dropout(net.head_dropout)[0]
+    MCDropoutEntropy(num_passes=3)(net, torch.randn(2, 1, 8, 8))
+    assert seen[0].shape[0] == 6 and seen[0].is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("model", [ToySegmenter(dropout=0.0), nn.Sequential(nn.Conv2d(1, 2, 1), nn.Dropout(0.0))])
 def test_mc_dropout_without_dropout_raises(model: nn.Module) -> None:
     with pytest.raises(ValueError, match="dropout"):
