@@ -80,10 +80,11 @@ def routing_overlay(
                         (c + 0.5) * uw - 0.5,
                         (r + 0.5) * uh - 0.5,
                         str(int(actions[i, r, c])),
-                        color="cyan",
+                        color="white",
                         ha="center",
                         va="center",
-                        fontsize=7,
+                        fontsize=8,
+                        bbox={"facecolor": "black", "alpha": 0.55, "pad": 1.0, "linewidth": 0},
                     )
             for r in range(1, rows):
                 ax.axhline(r * uh - 0.5, color="white", lw=0.4)
@@ -105,9 +106,10 @@ def routing_overlay(
         ax.set_ylabel(label)
     handles = [Patch(color=colours(k), alpha=0.6, label=name) for k, name in enumerate(model_names)]
     fig.legend(handles=handles, loc="lower center", ncol=len(model_names), frameon=False)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    if has_map:
-        fig.colorbar(shown_map, ax=list(axes[1]), fraction=0.02, pad=0.01, label="nats")
+    fig.tight_layout(rect=(0, 0.05, 0.94 if has_map else 1, 1))
+    if has_map:  # in the right margin left free, level with the uncertainty row
+        box = axes[1, -1].get_position()
+        fig.colorbar(shown_map, cax=fig.add_axes((0.95, box.y0, 0.012, box.height)), label="nats")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)

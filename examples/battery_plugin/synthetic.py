@@ -6,17 +6,23 @@ with texture, blurred (point-spread function), down-sampled by ``downsample``, c
 Gaussian noise and up-sampled back to the label grid (the low-res scan registered to the
 high-res labels, as in PaSeR's data).
 
-Difficulty varies in space. A smooth random *fineness* field splits every image into
-regions of large segregated grains (correlation length ``coarse_scale`` pixels) and regions
-where the phases are finely interspersed (``fine_scale``, close to the resolution limit). The
-fineness map is returned too (``meta["fineness"]``) so routing can be inspected.
+Difficulty varies in space, in three tiers, as a ladder of models needs. A smooth random
+*fineness* field (correlation length ``region_scale``) splits every image into:
 
-In segregated areas the three phases have distinct grey values (pore darkest, binder grey,
-nickel bright), and grains are large: easy for the tiny base model. In finely interspersed
-areas, binder- and pore-rich agglomerates (``fine_fractions``), the coarse scan averages pore
-and binder to one grey value (``partial_volume``); there only the binder's fibrous streaks of
-one direction, against a filled pore's isotropic speckle of the same energy, tell them apart,
-which takes several oriented filters (model capacity): the larger models' job.
+- **segregated regions** (about half): large grains (``coarse_scale``), dense nickel, the three
+  phases at distinct grey values (pore darkest, binder grey, nickel bright): the tiny base
+  model's job;
+- **agglomerates** (``medium_share``): pore- and binder-rich, at ``medium_scale``, where the
+  scan's partial-volume effect (``partial_volume``) gives pore and binder one grey value; only
+  the nano-porous binder's grain (``medium_grain``, a local-variance cue) against a filled
+  pore's smooth grey tells them apart: a medium model's job;
+- **finely interspersed regions** (``fine_share``), at ``fine_scale``, near the resolution
+  limit, with the same partial volume: only the binder's fibrous streaks (one direction per
+  image) against a filled pore's isotropic speckle of the same energy (``fibres``) tell them
+  apart, which takes many oriented filters (capacity): the large model's job.
+
+The fineness map is returned too (``meta["fineness"]``: 0, 0.5 and 1 for the three tiers) so
+routing can be inspected.
 
 Everything is deterministic given ``seed``.
 """
@@ -112,25 +118,25 @@ def generate_battery(
     height: int = 112,
     width: int = 128,
     seed: int = 0,
-    coarse_scale: float = 6.0,
-    fine_scale: float = 3.5,
-    region_scale: float = 14.0,
-    fine_share: float = 0.4,
-    medium_share: float = 0.0,
+    coarse_scale: float = 10.0,
+    fine_scale: float = 5.0,
+    region_scale: float = 20.0,
+    fine_share: float = 0.2,
+    medium_share: float = 0.3,
     medium_scale: float = 6.0,
-    medium_grain: float = 0.0,
+    medium_grain: float = 0.06,
     coarse_fractions: tuple[float, float, float] = (0.08, 0.12, 0.80),
     fine_fractions: tuple[float, float, float] = (0.30, 0.35, 0.35),
     intensities: tuple[float, float, float] = (0.15, 0.35, 0.75),
     partial_volume: float = 1.0,
     independent_binder: float = 0.0,
-    texture: float | tuple[float, float, float] = (0.02, 0.02, 0.04),
+    texture: float | tuple[float, float, float] = (0.01, 0.02, 0.02),
     texture_scale: float = 1.2,
-    fibres: float = 0.2,
-    fibre_wavelength: float = 5.0,
-    psf_sigma: float = 0.7,
-    downsample: int = 2,
-    noise: float = 0.05,
+    fibres: float = 0.25,
+    fibre_wavelength: float = 3.5,
+    psf_sigma: float = 0.6,
+    downsample: int = 1,
+    noise: float = 0.06,
     chunk: int = 64,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Generate ``num_samples`` synthetic electrode-coating scans.
