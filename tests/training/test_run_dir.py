@@ -66,9 +66,7 @@ def test_two_processes_cannot_train_one_run_directory(tmp_path: Path) -> None:
         run_mod.train(None, resume=run_dir)  # type: ignore[arg-type]
 
 
-def test_epochs_logged_but_not_checkpointed_are_logged_once_after_resume(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_epochs_logged_but_not_checkpointed_are_logged_once_after_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _cfg("training.policy.epochs=3", "run.checkpoint_every=2")
     run_dir = tmp_path / "run"
     original = PolicyTraining.run_epoch
