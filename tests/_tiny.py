@@ -26,6 +26,7 @@ def tiny_battery(policy_epochs: int = 1) -> list[str]:
         "data.params.num_test=4",
         "data.params.height=32",
         "data.params.width=32",
+        "zoo.models.0.params.base_channels=1",  # f_0 stays the cheapest model (calibration's knob assumes the order)
         "zoo.models.1.params.base_channels=2",
         "zoo.models.2.params.base_channels=4",
         "uncertainty.params.num_passes=2",

@@ -242,10 +242,9 @@ class FinetuneConfig(OptimConfig):
     )
     lam_end: Float | None = Field(None, ge=0, le=1, description="Final lambda of the linear schedule (with tvd_threshold).")
     tvd_on: Literal["decisions", "probs"] = Field(
-        "decisions",
-        description="What the TVD threshold measures: 'decisions', the share of units whose greedy model changed (what "
-        "evaluation uses), or 'probs', the TVD of the action probabilities (the paper's literal reading; a saturated "
-        "policy spends it softening probabilities without changing a decision).",
+        "probs",
+        description="What the TVD threshold measures: 'probs', the TVD of the action probabilities (the paper), or "
+        "'decisions', the share of units whose greedy model changed (what evaluation sees).",
     )
 
     @model_validator(mode="after")

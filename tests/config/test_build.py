@@ -225,7 +225,7 @@ def test_missing_data_factory_module_is_a_config_error() -> None:
         ("router.params.num_actions=3", r"router\.params: Expected no num_actions"),
         ("uncertainty.params.passes=3", r"uncertainty\.params: .*among .* but got unknown 'passes'"),
         ("cost.params.x=1", r"cost\.params: .*among base_cost but got unknown 'x'"),
-        ("partitioner.params.row=3", r"partitioner\.params: .*among rows, cols but got unknown 'row'"),
+        ("partitioner.params.row=3", r"partitioner\.params: .*among rows, cols, halo but got unknown 'row'"),
     ],
 )
 def test_component_params_checked_against_the_signature(override: str, match: str) -> None:

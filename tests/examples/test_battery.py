@@ -59,7 +59,7 @@ def test_build_data_errors() -> None:
     with pytest.raises(ValueError, match="source"):
         build_data(source="nope")
     with pytest.raises(ValueError, match="divisible"):
-        build_data(num_train=3, num_val=1, num_test=1, height=31, width=32)
+        build_data(num_train=3, num_val=1, num_test=1, height=31, width=32, generator={"downsample": 2})
 
 
 def test_paser_folder_source_reads_the_layout(tmp_path: Path) -> None:
