@@ -51,3 +51,17 @@ def test_an_estimator_hands_the_input_to_the_state() -> None:
     x = torch.rand(2, 1, 8, 8)
     out = create_estimator("softmax_entropy")(ToySegmenter(width=2), x)
     assert out.inputs is x and out.select(slice(0, 1)).inputs.shape == (1, 1, 8, 8)  # type: ignore[union-attr]
+
+
+def test_the_input_channels_are_charged_in_the_policys_flops() -> None:
+    from routerkit import PatchGrid, RoutedPipeline, Zoo
+    from routerkit.models import ToySegmenter
+
+    pipe = RoutedPipeline(
+        Zoo([ToySegmenter(width=2, dropout=0.2), ToySegmenter(width=4)]), PatchGrid(2, 2), "mc_dropout", "flops", (1, 16, 16)
+    )
+    probs = torch.softmax(torch.randn(1, 2, 16, 16), 1)
+    state = BaseOutput(probs, -(probs * probs.log()).sum(1), torch.rand(1, 1, 16, 16))
+    paper = PaSeRRouter(2, (2, 2), num_classes=2)
+    reads_input = PaSeRRouter(2, (2, 2), num_classes=2, input_channels=1)
+    assert pipe.policy_flops(reads_input, state) > pipe.policy_flops(paper, state) > 0

@@ -48,12 +48,3 @@ def test_a_run_with_a_halo_trains_and_charges_the_widened_patches(tmp_path: Path
     ratio = gflops(wide, "f2_large alone") / gflops(plain, "f2_large alone")
     assert 2.0 < ratio < 2.5
 
-
-def test_a_policy_reading_the_input_trains_on_the_replay_and_routes(tmp_path: Path) -> None:
-    add_plugin_path(BATTERY.parent)
-    cfg = load_config(BATTERY, [*tiny_battery(policy_epochs=2), "router.params.input_channels=1", "evaluation.baselines=[]"])
-    run_dir = tmp_path / "input_state"
-    train(cfg, run_dir=run_dir, plugin_dirs=[str(BATTERY.parent)], console=Console(file=io.StringIO(), width=200))
-    rows = json.loads((run_dir / "metrics" / "test.json").read_text())
-    rows = rows.get("results", rows)
-    assert rows[0]["name"] == "PaSeR" and rows[0]["gflops"] > 0
