@@ -106,10 +106,10 @@ def routing_overlay(
         ax.set_ylabel(label)
     handles = [Patch(color=colours(k), alpha=0.6, label=name) for k, name in enumerate(model_names)]
     fig.legend(handles=handles, loc="lower center", ncol=len(model_names), frameon=False)
-    fig.tight_layout(rect=(0, 0.05, 0.94 if has_map else 1, 1))
+    fig.tight_layout(rect=(0, 0.05, 0.92 if has_map else 1, 1))
     if has_map:  # in the right margin left free, level with the uncertainty row
         box = axes[1, -1].get_position()
-        fig.colorbar(shown_map, cax=fig.add_axes((0.95, box.y0, 0.012, box.height)), label="nats")
+        fig.colorbar(shown_map, cax=fig.add_axes((0.93, box.y0, 0.012, box.height)), label="nats")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
