@@ -18,6 +18,7 @@ from __future__ import annotations
 from routerkit.costs import CostModel, create_cost, list_costs
 from routerkit.data import DataBundle, Split
 from routerkit.data import folder_dataset as _folder_dataset  # noqa: F401  (registers the built-in 'folder' data factory)
+from routerkit.deploy import Prediction, RoutedModel, load
 from routerkit.executor import Executor, FlopAccountant
 from routerkit.metrics import EvalResult, evaluate_router
 from routerkit.models import TaskModel, Zoo, create_model, list_models
@@ -29,6 +30,7 @@ from routerkit.uncertainty import UncertaintyEstimator, create_estimator, list_e
 
 __version__ = "0.1.0"
 
+
 __all__ = [
     "AccuracyTerm",
     "CostModel",
@@ -37,8 +39,10 @@ __all__ = [
     "Executor",
     "FlopAccountant",
     "Partitioner",
+    "Prediction",
     "PatchGrid",
     "Reward",
+    "RoutedModel",
     "RoutedOutput",
     "RoutedPipeline",
     "Router",
@@ -58,5 +62,6 @@ __all__ = [
     "list_estimators",
     "list_models",
     "list_routers",
+    "load",
     "register_router",
 ]

@@ -12,9 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from battery_plugin.synthetic import CLASS_NAMES, generate_battery
-from routerkit.data import DataBundle, Split
+from routerkit.data import DataBundle, FileFormat, Split
 
-__all__ = ["build_data", "generate_battery"]
+__all__ = ["FILE_FORMAT", "build_data", "generate_battery"]
+
+#: Scans are 8 or 16-bit grayscale files scaled into [0, 1]; predicted masks are written with the PaSeR
+#: data set's values (0 = pore, 255 = carbon, 128 = nickel).
+FILE_FORMAT = FileFormat(mask_values={0: 0, 1: 255, 2: 128})
 
 
 def build_data(
@@ -52,7 +56,7 @@ def build_data(
         for offset, n in enumerate((num_train, num_val, num_test)):
             x, y, fineness = generate_battery(n, height, width, seed=seed + offset, **kw)
             splits.append(Split(x, y, {"fineness": fineness}))
-        return DataBundle(splits[0], splits[1], splits[2], list(CLASS_NAMES))
+        return DataBundle(splits[0], splits[1], splits[2], list(CLASS_NAMES), file_format=FILE_FORMAT)
     if source == "paser_folder":
         from routerkit.data.folder import PASER_BATTERY_CLASSES, load_paser_battery
 
@@ -62,5 +66,7 @@ def build_data(
                 raise ValueError("data.params.root is required for source 'paser_folder' (or set ROUTERKIT_DATA).")
             root = str(Path(env) / "battery")
         loaded = load_paser_battery(root)
-        return DataBundle(loaded["train"], loaded["validation"], loaded["test"], list(PASER_BATTERY_CLASSES))
+        return DataBundle(
+            loaded["train"], loaded["validation"], loaded["test"], list(PASER_BATTERY_CLASSES), file_format=FILE_FORMAT
+        )
     raise ValueError(f"data.params.source must be 'synthetic' or 'paser_folder', got {source!r}.")

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from routerkit.data import DataBundle, Split
+from routerkit.data import DataBundle, FileFormat, Split
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -515,4 +515,5 @@ def build_data(
     test_order = balanced_order(test_pool.labels, seed + 1)
     test_index = torch.arange(len(test_pool)) if num_test is None else test_order[:num_test]
     test = _take(test_pool, test_index, normalize)
-    return DataBundle(train, val, test, list(CLASS_NAMES))
+    fmt = FileFormat(mean=CIFAR10_MEAN, std=CIFAR10_STD) if normalize else FileFormat()
+    return DataBundle(train, val, test, list(CLASS_NAMES), file_format=fmt)

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cityscapes_plugin.labels import CLASS_NAMES, IGNORE_INDEX, LABEL_TO_TRAIN, label_ids_to_train_ids
-from routerkit.data import DataBundle, Split
+from cityscapes_plugin.labels import CLASS_NAMES, IGNORE_INDEX, LABEL_TO_TRAIN, LABELS, label_ids_to_train_ids
+from routerkit.data import DataBundle, FileFormat, Split
 
 __all__ = [
     "CLASS_NAMES",
@@ -285,4 +285,10 @@ def build_data(
             f"Expected labelled test images but every label pixel of the official {test_split!r} split is ignored "
             "(the official test split has no public labels): use data.params.test_split='val'."
         )
-    return DataBundle(splits[0], splits[1], splits[2], list(CLASS_NAMES), ignore_index=IGNORE_INDEX)
+    train_to_label = {label.train_id: label.id for label in LABELS if 0 <= label.train_id < IGNORE_INDEX}
+    fmt = FileFormat(
+        mean=IMAGENET_MEAN if normalize else None,
+        std=IMAGENET_STD if normalize else None,
+        mask_values=train_to_label,  # predicted masks in the official labelIds
+    )
+    return DataBundle(splits[0], splits[1], splits[2], list(CLASS_NAMES), ignore_index=IGNORE_INDEX, file_format=fmt)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from routerkit.data import DataBundle, Split
+from routerkit.data import DataBundle, FileFormat, Split
 
 NOISE_NAMES = ("gaussian_r1", "gaussian_r2", "box")
 FILES = {
@@ -222,4 +222,4 @@ def build_data(
     train = _split(train_images[order[:num_train]], seed, size, box_size)
     val = _split(train_images[order[num_train : num_train + num_val]], seed + 1, size, box_size)
     test = _split(test_images[:num_test], seed + 2, size, box_size)
-    return DataBundle(train, val, test, ["background", "digit"])
+    return DataBundle(train, val, test, ["background", "digit"], file_format=FileFormat(mask_values={0: 0, 1: 255}))

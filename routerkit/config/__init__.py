@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from routerkit.config.schema import ExperimentConfig
+from routerkit.config.schema import CONFIG_DIR, ExperimentConfig
 
 __all__ = ["ConfigError", "ExperimentConfig", "apply_overrides", "config_to_dict", "dump_config", "load_config", "parse_config"]
 
@@ -109,18 +109,27 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def parse_config(raw: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
-    """Validate a raw mapping; raise `ConfigError` with readable messages."""
+def parse_config(raw: dict[str, Any], source: str = "<dict>", config_dir: str | Path | None = None) -> ExperimentConfig:
+    """Validate a raw mapping; raise `ConfigError` with readable messages.
+
+    Args:
+        raw: The config's sections.
+        source: Names the config in messages.
+        config_dir: The config file's folder: relative ``zoo.models[].weights`` paths are resolved
+            against it (``None``: against the working directory).
+    """
     if not isinstance(raw, dict):
         raise ConfigError(f"Config {source} must be a mapping of sections, got {type(raw).__name__}.")
     try:
-        return ExperimentConfig.model_validate(raw)
+        return ExperimentConfig.model_validate(raw, context={CONFIG_DIR: config_dir})
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source)) from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read, override and validate an experiment YAML file.
+
+    Relative ``zoo.models[].weights`` paths (overrides included) are resolved against the file's folder.
 
     Args:
         path: YAML file.
@@ -139,4 +148,4 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"Config file {path} is not valid YAML: {err}") from None
-    return parse_config(apply_overrides(raw, overrides or []), str(path))
+    return parse_config(apply_overrides(raw, overrides or []), str(path), config_dir=path.parent)

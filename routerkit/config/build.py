@@ -20,7 +20,7 @@ from routerkit.config.checks import (
     resolve_data_factory,
 )
 from routerkit.config.schema import ExperimentConfig
-from routerkit.data import DataBundle, Split, paser_split
+from routerkit.data import DataBundle, DataSpec, Split, paser_split
 from routerkit.models import MODELS, Zoo, create_model
 from routerkit.partitioners import create_partitioner
 from routerkit.pipeline import RoutedPipeline
@@ -77,13 +77,29 @@ def _named_parameters(factory: Any) -> set[str]:
     return {p.name for p in params if p.kind in kinds}
 
 
-def build_zoo(cfg: ExperimentConfig, in_channels: int, num_classes: int) -> Zoo:
-    """Build the task models.
+def build_zoo(cfg: ExperimentConfig, in_channels: int, num_classes: int, *, load_weights: bool = True) -> Zoo:
+    """Build the task models, loading ``zoo.models[].weights``.
 
     ``in_channels`` and ``num_classes`` come from the data and are passed to every model whose
     factory takes an argument of that name and whose YAML does not set it (built-in or plugin).
-    `build_experiment` then runs each model once on one zero unit (`check_zoo_outputs`).
+    A model with ``weights`` loads that state dict right after it is built
+    (`routerkit.models.weights_file.load_weights_file`); ``train: false`` is read by the training
+    stages (`routerkit.training.recipe`). `build_experiment` then runs each model once on one zero
+    unit (`check_zoo_outputs`).
+
+    Args:
+        cfg: The experiment.
+        in_channels: Channels of the data's inputs.
+        num_classes: Classes of the data.
+        load_weights: Load the ``weights`` files; a caller that loads a run's checkpoint right
+            after (which holds every model's weights) can skip them.
+
+    Raises:
+        ConfigError: A model cannot be built, or its weights file is missing, unreadable or does
+            not fit it (naming ``zoo.models.N.weights``, the file and what was expected).
     """
+    from routerkit.models.weights_file import load_weights_file
+
     models = {}
     for i, m in enumerate(cfg.zoo.models):
         params: dict[str, Any] = dict(m.params)
@@ -92,9 +108,12 @@ def build_zoo(cfg: ExperimentConfig, in_channels: int, num_classes: int) -> Zoo:
             for key, value in zip(MODEL_DATA_ARGUMENTS, (in_channels, num_classes), strict=True):
                 if key in accepted:
                     params.setdefault(key, value)
-            models[m.name] = create_model(m.model, **params)
+            model = create_model(m.model, **params)
         except (ImportError, AttributeError, KeyError, TypeError, ValueError, OSError) as err:
             raise ConfigError(f"zoo.models.{i} ({m.name!r}): {err}") from None
+        if m.weights is not None and load_weights and isinstance(model, torch.nn.Module):  # else `Zoo` names what it got
+            load_weights_file(model, m.weights, f"zoo.models.{i}.weights", f"model {m.name!r} ({type(model).__name__})")
+        models[m.name] = model
     return Zoo(models)
 
 
@@ -116,20 +135,42 @@ def build_experiment(cfg: ExperimentConfig, data: DataBundle | None = None) -> E
     torch.manual_seed(cfg.run.seed)
     data = data if data is not None else build_data(cfg)
     if device.type != "cpu":
-        data = DataBundle(data.train.to(device), data.val.to(device), data.test.to(device), data.class_names, data.ignore_index)
+        data = data.to(device)
     try:
         parts = paser_split(data.train, cfg.data.split_fractions, seed=cfg.run.seed)
     except ValueError as err:
         raise ConfigError(f"data ({cfg.data.factory} with data.params, data.split_fractions): {err}") from None
     check_meta_keys(cfg, data, parts)
-    input_shape = data.input_shape
+    pipeline, router = build_routing(cfg, data.spec, device)
+    try:
+        reward = create_reward(cfg.reward.name, lam=cfg.reward.lam)
+        accuracy = create_accuracy(cfg.reward.accuracy, num_classes=data.num_classes, ignore_index=data.ignore_index)
+    except (ImportError, KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"router/reward: {err}") from None
+    return Experiment(_with_measured_costs(cfg, pipeline), data, parts, pipeline, router, reward, accuracy)
+
+
+def build_routing(
+    cfg: ExperimentConfig, spec: DataSpec, device: torch.device | str = "cpu", load_weights: bool = True
+) -> tuple[RoutedPipeline, Router]:
+    """The routed pipeline and the (untrained) router of ``cfg`` for data described by ``spec``, on ``device``.
+
+    Needs no data: this is what `routerkit.load` rebuilds from a run's ``config.yaml`` and
+    ``data_spec.json`` before loading the weights. Every task model is run once on a zero input
+    (`check_zoo_outputs`). ``load_weights=False`` skips the ``zoo.models[].weights`` files (a
+    run's checkpoint holds every model's weights, so a run directory does not need them).
+
+    Raises:
+        ConfigError: On a partitioner, zoo, estimator, cost or router problem, naming the section.
+    """
+    input_shape = spec.input_shape
     try:
         partitioner = create_partitioner(cfg.partitioner.name, **cfg.partitioner.params)
         partitioner.unit_shape(input_shape)
     except (ImportError, KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"partitioner: {err}") from None
-    zoo = build_zoo(cfg, in_channels=input_shape[0], num_classes=data.num_classes)
-    check_zoo_outputs(cfg, zoo, partitioner, input_shape, data)
+    zoo = build_zoo(cfg, in_channels=spec.channels, num_classes=spec.num_classes, load_weights=load_weights)
+    check_zoo_outputs(cfg, zoo, partitioner, input_shape, spec)
     try:
         pipeline = RoutedPipeline(
             zoo,
@@ -140,16 +181,14 @@ def build_experiment(cfg: ExperimentConfig, data: DataBundle | None = None) -> E
         )
     except (ImportError, KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"uncertainty/cost: {err}") from None
-    spatial = len(input_shape) == 3 and data.train.targets.dim() == 3
     try:
-        router = create_router(cfg.router.name, router_spec=pipeline.router_spec(data.num_classes, spatial), **cfg.router.params)
-        reward = create_reward(cfg.reward.name, lam=cfg.reward.lam)
-        accuracy = create_accuracy(cfg.reward.accuracy, num_classes=data.num_classes, ignore_index=data.ignore_index)
+        router_spec = pipeline.router_spec(spec.num_classes, spec.spatial)
+        router = create_router(cfg.router.name, router_spec=router_spec, **cfg.router.params)
     except (ImportError, KeyError, TypeError, ValueError) as err:
-        raise ConfigError(f"router/reward: {err}") from None
+        raise ConfigError(f"router: {err}") from None
     zoo.to(device)
     router.to(device)
-    return Experiment(_with_measured_costs(cfg, pipeline), data, parts, pipeline, router, reward, accuracy)
+    return pipeline, router
 
 
 def _with_measured_costs(cfg: ExperimentConfig, pipeline: RoutedPipeline) -> ExperimentConfig:

@@ -28,7 +28,7 @@ from routerkit.config import ConfigError
 from routerkit.config.schema import ExperimentConfig
 
 if TYPE_CHECKING:
-    from routerkit.data import DataBundle, Split
+    from routerkit.data import DataBundle, DataSpec, Split
     from routerkit.models import Zoo
     from routerkit.partitioners import Partitioner
 
@@ -312,7 +312,7 @@ def _expected_logits(num_classes: int, shape: tuple[int, ...], classification: b
 
 
 def check_zoo_outputs(
-    cfg: ExperimentConfig, zoo: Zoo, partitioner: Partitioner, input_shape: tuple[int, ...], data: DataBundle
+    cfg: ExperimentConfig, zoo: Zoo, partitioner: Partitioner, input_shape: tuple[int, ...], data: DataBundle | DataSpec
 ) -> None:
     """Run every task model once on one zero input and check the shape of its logits.
 
@@ -325,8 +325,11 @@ def check_zoo_outputs(
         ConfigError: Naming ``zoo.models.N (name)`` and the expected vs actual shape.
     """
     unit_shape = tuple(partitioner.model_unit_shape(input_shape))  # a unit with its context margin
-    classification = data.train.targets.dim() == 1
-    num_classes = data.num_classes
+    from routerkit.data import DataSpec
+
+    spec = data if isinstance(data, DataSpec) else data.spec
+    classification = spec.task == "classification"
+    num_classes = spec.num_classes
     for i, name in enumerate(zoo.names):
         model = zoo[i]
         shape, what = (tuple(input_shape), "input") if i == 0 else (unit_shape, "unit")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 #: Upper bound of every learning rate (Adam / SGD step sizes beyond it diverge).
@@ -17,6 +18,8 @@ MAX_SEED = 2**63
 TRAINING_DEVICE = re.compile(r"cpu|mps|cuda(:\d+)?")
 #: Model families whose ``dropout`` parameter is a probability (the mc_dropout check on f_0).
 _DROPOUT_MODELS = ("unet", "toy", "cifar_resnet")
+#: Key of the validation context holding the folder of the config file (relative ``zoo.models[].weights`` paths).
+CONFIG_DIR = "config_dir"
 
 
 def _not_bool(value: Any) -> Any:
@@ -119,6 +122,34 @@ class ModelConfig(_Section):
         description="Pre-train this model only on inputs whose per-input data meta[key] equals value, e.g. {noise: 1} "
         "(a zoo of specialists, PaSeR's noisy MNIST); None: all of D_PT.",
     )
+    weights: str | None = Field(
+        None,
+        description="State dict loaded into the model right after it is built: a .safetensors file, or a torch file "
+        "(torch.save; read with weights_only=True, so it never runs code) holding the state dict or a dict with a "
+        "'state_dict' or 'model' entry holding it. A relative path is resolved when the config is read: against the "
+        "config file's folder (load_config, `routerkit train CONFIG`, like its plugin packages), else (a config given "
+        "as a mapping) against the working directory; the run's config.yaml records the absolute path. None: the "
+        "model's own initialisation.",
+    )
+    train: bool = Field(
+        True,
+        description="false freezes the model: pre-training and joint fine-tuning leave its weights (batch-norm "
+        "statistics included) as they are, and a pre-training stage with nothing left to train is skipped; with "
+        "weights, a zoo trained elsewhere. A frozen f_m still teaches f_0 (training.pretrain_base.beta).",
+    )
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return None
+        if not v.strip():
+            raise ValueError("Expected the path of a state dict file (.safetensors or a torch file) but got an empty string")
+        path = Path(v).expanduser()
+        if not path.is_absolute():
+            folder = info.context.get(CONFIG_DIR) if isinstance(info.context, dict) else None
+            path = (Path(folder) if folder is not None else Path.cwd()) / path
+        return os.path.abspath(path)
 
 
 class ZooConfig(_Section):

@@ -7,6 +7,7 @@ Data plugins return a `DataBundle`; see `routerkit.data.folder` for image folder
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,8 +16,9 @@ import torch
 from torch import Tensor
 
 from routerkit._registry import Registry
+from routerkit.data.spec import DataSpec, FileFormat
 
-__all__ = ["DATASETS", "DataBundle", "Split", "paser_split"]
+__all__ = ["DATASETS", "DataBundle", "DataSpec", "FileFormat", "Split", "paser_split"]
 
 
 #: Built-in data factories, by the name ``data.factory`` takes (``folder``: `routerkit.data.folder`,
@@ -92,6 +94,8 @@ class DataBundle:
         test: Test split (reported results).
         class_names: Name of each class id.
         ignore_index: Label value that losses and IoU skip, if any.
+        file_format: How one of the data set's image files becomes an input and a class id a mask
+            value (`routerkit.data.spec.FileFormat`), for routing new files after training.
     """
 
     train: Split
@@ -99,6 +103,7 @@ class DataBundle:
     test: Split
     class_names: list[str]
     ignore_index: int | None = None
+    file_format: FileFormat = field(default_factory=FileFormat)
 
     def __post_init__(self) -> None:
         if len(self.class_names) < 2:
@@ -133,6 +138,16 @@ class DataBundle:
     def splits(self) -> dict[str, Split]:
         """``{"train": ..., "val": ..., "test": ...}``."""
         return {"train": self.train, "val": self.val, "test": self.test}
+
+    @property
+    def spec(self) -> DataSpec:
+        """What a trained run keeps of this data to route new inputs (`routerkit.data.spec.DataSpec`)."""
+        task = "classification" if self.train.targets.dim() == 1 else "segmentation"
+        return DataSpec(self.input_shape, list(self.class_names), self.ignore_index, task, self.file_format)
+
+    def to(self, device: torch.device | str) -> DataBundle:
+        """The same bundle with every split on ``device``."""
+        return dataclasses.replace(self, train=self.train.to(device), val=self.val.to(device), test=self.test.to(device))
 
 
 def paser_split(train: Split, fractions: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3), seed: int = 0) -> dict[str, Split]:

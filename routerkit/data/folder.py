@@ -33,6 +33,7 @@ __all__ = [
     "folder_pairs",
     "load_folder_split",
     "load_paser_battery",
+    "read_image",
 ]
 
 PASER_BATTERY_CLASSES: list[str] = ["pore", "carbon", "nickel"]
@@ -227,6 +228,23 @@ def _read_image(path: Path, normalize: str) -> np.ndarray:
     if normalize == "auto":
         out /= np.float32(scale)
     return out[None] if out.ndim == 2 else np.ascontiguousarray(out.transpose(2, 0, 1))
+
+
+def read_image(path: str | Path, normalize: str = "auto") -> np.ndarray:
+    """One PNG / TIFF / JPEG image file as float32 ``[C, H, W]`` (C = 1 or 3), as `load_folder_split` reads it.
+
+    Args:
+        path: The file.
+        normalize: ``"auto"`` scales 8-bit pixels by 1/255 and 16-bit ones by 1/65535 into [0, 1];
+            ``"none"`` keeps raw values.
+
+    Raises:
+        ValueError: The file cannot be decoded, has several pages, or holds samples that cannot be
+            scaled (32-bit, 16-bit colour); the message names the file.
+    """
+    if normalize not in ("auto", "none"):
+        raise ValueError(f"Expected normalize to be 'auto' or 'none' but got {normalize!r}.")
+    return _read_image(Path(path), normalize)
 
 
 def _read_mask(path: Path) -> np.ndarray:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from routerkit.data import DATASETS, DataBundle, Split
+from routerkit.data import DATASETS, DataBundle, FileFormat, Split
 from routerkit.data.folder import load_folder_split
 
 __all__ = ["fit_size", "folder_dataset"]
@@ -130,11 +130,21 @@ def folder_dataset(
         name: load_folder_split(base / sub / images, base / sub / masks, value_map, default_class, extensions, normalize)
         for name, sub in folders.items()
     }
+    fmt_mean: tuple[float, ...] | None = None
+    fmt_std: tuple[float, ...] | None = None
     if standardize:  # statistics of the training files as read, before any padding
         dims = [0, *range(2, loaded["train"].images.dim())]
-        mean = loaded["train"].images.mean(dim=dims, keepdim=True)[0]
-        std = loaded["train"].images.std(dim=dims, keepdim=True)[0].clamp_min(1e-12)
+        raw = loaded["train"].images
+        fmt_mean = tuple(raw.mean(dim=dims).tolist())
+        fmt_std = tuple(raw.std(dim=dims).clamp_min(1e-12).tolist())
+        mean = torch.tensor(fmt_mean).reshape(1, -1, *([1] * (raw.dim() - 2)))
+        std = torch.tensor(fmt_std).reshape(1, -1, *([1] * (raw.dim() - 2)))
         loaded = {k: Split((s.images - mean) / std, s.targets, s.meta) for k, s in loaded.items()}
     if size is not None:
         loaded = {k: fit_size(s, size, ignore_index) for k, s in loaded.items()}
-    return DataBundle(loaded["train"], loaded["val"], loaded["test"], list(class_names), ignore_index)
+    # Predicted masks are written with the data set's own values: the first mask value of each class.
+    mask_values: dict[int, int] = {}
+    for value, class_id in sorted(value_map.items()):
+        mask_values.setdefault(int(class_id), int(value))
+    fmt = FileFormat(scale=normalize, mean=fmt_mean, std=fmt_std, mask_values=mask_values)
+    return DataBundle(loaded["train"], loaded["val"], loaded["test"], list(class_names), ignore_index, fmt)

@@ -7,6 +7,7 @@ sends it, with gradients. (The policy-only fine-tuning stopped at a TVD threshol
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,7 +20,7 @@ from routerkit.rewards import AccuracyTerm, Reward
 from routerkit.routers.paser import PaSeRRouter
 from routerkit.training.base import Stage, check_choice
 from routerkit.training.model_quality import recompute_bn_statistics
-from routerkit.training.pretraining import _ce
+from routerkit.training.pretraining import _ce, frozen_indices
 from routerkit.training.reinforce import BASELINES, importance_weights, policy_gradient_loss, reward_baseline
 from routerkit.training.schedules import StageSettings, linear_schedule
 
@@ -38,6 +39,11 @@ class JointFineTuning(Stage):
     with ``large_on="all"``), and the policy a REINFORCE step on the realised rewards.
     Batch-norm layers of the large models keep their running statistics (``freeze_bn``): the
     units routed to one model are few and skewed, and would corrupt them.
+
+    A frozen large model (``frozen``, ``zoo.models[i].train: false``) still answers the units
+    routed to it, in eval mode and without gradients (``requires_grad`` off), but gets no
+    optimiser, no step and no batch-norm recomputation: its weights end the stage bit-identical.
+    With every large model frozen only the policy trains.
     """
 
     name = "finetune"
@@ -62,6 +68,7 @@ class JointFineTuning(Stage):
         ignore_index: int | None = None,
         freeze_bn: bool = True,
         importance_weighting: bool = True,
+        frozen: Collection[int] | None = None,
     ) -> None:
         super().__init__(settings, seed)
         check_choice("large_on", large_on, ("routed", "all"))
@@ -72,7 +79,12 @@ class JointFineTuning(Stage):
         self.freeze_bn, self.importance_weighting = freeze_bn, importance_weighting
         self.modules["router"] = router
         self.optimizers["router"] = torch.optim.Adam(router.parameters(), lr=settings.lr)
-        for i in range(1, len(pipeline.zoo)):
+        self.frozen = frozen_indices(frozen, len(pipeline.zoo))
+        #: Zoo indices of the large models this stage trains (``1..m`` less the frozen ones).
+        self.trained = [i for i in range(1, len(pipeline.zoo)) if i not in self.frozen]
+        for i in sorted(self.frozen):
+            pipeline.zoo[i].requires_grad_(False)
+        for i in self.trained:
             key = pipeline.zoo.names[i]
             self.modules[key] = pipeline.zoo[i]
             self.optimizers[key] = torch.optim.Adam(pipeline.zoo[i].parameters(), lr=large_lr or settings.lr)
@@ -89,6 +101,7 @@ class JointFineTuning(Stage):
         data: Split,
         seed: int,
         ignore_index: int | None = None,
+        frozen: Collection[int] | None = None,
     ) -> JointFineTuning:
         """The stage of a ``training.finetune`` section (without ``tvd_threshold``).
 
@@ -101,6 +114,7 @@ class JointFineTuning(Stage):
             data: D_FT.
             seed: Random seed.
             ignore_index: Label ignored by the large models' loss.
+            frozen: Zoo indices of the models left as they are (``zoo.models[i].train: false``).
         """
         return cls(
             pipeline,
@@ -120,6 +134,7 @@ class JointFineTuning(Stage):
             ignore_index=ignore_index,
             freeze_bn=config.freeze_bn,
             importance_weighting=config.importance_weighting,
+            frozen=frozen,
         )
 
     def num_steps(self) -> int:
@@ -137,7 +152,9 @@ class JointFineTuning(Stage):
             self.router.train()
             logits = self.router.logits(base)
             actions = explore_exploit_sample(logits, alpha, self.generator)
-            for i in range(1, len(zoo)):
+            for i in sorted(self.frozen):
+                zoo[i].eval()  # no dropout draws, no batch-norm statistics updated
+            for i in self.trained:
                 zoo[i].train()
                 if self.freeze_bn:  # routed subsets are small and skewed: keep the running statistics
                     for m in zoo[i].modules():
@@ -148,6 +165,8 @@ class JointFineTuning(Stage):
             # Large models: cross-entropy on their units.
             logs: dict[str, float] = {}
             for i, (idx, z) in execution.logits.items():
+                if i in self.frozen:
+                    continue
                 key = zoo.names[i]
                 if self.large_on == "all":
                     z = part.crop(zoo[i](units))
@@ -175,6 +194,6 @@ class JointFineTuning(Stage):
         out = {k: v / n for k, v in sums.items()}
         out["charts/alpha"] = alpha
         if not self.freeze_bn:  # the running averages saw only the skewed routed subsets: recompute them on D_FT
-            for i in range(1, len(zoo)):
+            for i in self.trained:
                 recompute_bn_statistics(zoo[i], (part.split_inputs(x) for x, _ in self.data.batches(self.settings.batch_size)))
         return out

@@ -1,6 +1,7 @@
 """Stage 1 of PaSeR's Algorithm 1: the task models, before any routing.
 
-- `LargeModelPretraining`: each costlier model ``f_1..f_m`` on units of D_PT (cross-entropy).
+- `LargeModelPretraining`: each costlier model ``f_1..f_m`` on units of D_PT (cross-entropy);
+  frozen models (``zoo.models[].train: false``) are left as they are.
 - `BaseModelPretraining`: ``f_0`` on whole inputs of D_PT, cross-entropy plus ``beta`` x MSE
   distillation to the largest model's logits (Eq. 1).
 
@@ -10,7 +11,7 @@ validation split and, at the end, keep each model's best epoch (`PretrainChecks`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,7 @@ from routerkit.training.schedules import StageSettings
 if TYPE_CHECKING:
     from routerkit.config.schema import PretrainBaseConfig, PretrainLargeConfig
 
-__all__ = ["BaseModelPretraining", "LargeModelPretraining", "PretrainChecks"]
+__all__ = ["BaseModelPretraining", "LargeModelPretraining", "PretrainChecks", "frozen_indices"]
 
 
 def _ce(logits: Tensor, targets: Tensor, ignore_index: int | None) -> Tensor:
@@ -160,8 +161,24 @@ class _CheckedPretraining(Stage):
     ignore_index: int | None
 
 
+def frozen_indices(frozen: Collection[int] | None, num_models: int) -> frozenset[int]:
+    """The zoo indices of the frozen models, checked against the zoo's size.
+
+    Raises:
+        ValueError: An index outside ``0..num_models - 1``.
+    """
+    indices = frozenset(frozen or ())
+    wrong = sorted(i for i in indices if not (isinstance(i, int) and 0 <= i < num_models))
+    if wrong:
+        raise ValueError(f"Expected frozen model indices in 0..{num_models - 1} but got {wrong}.")
+    return indices
+
+
 class LargeModelPretraining(_CheckedPretraining):
     """Stage 1a: each costlier model on the units of D_PT with cross-entropy.
+
+    A frozen model (``frozen``) gets no optimiser, no gradient (``requires_grad`` off), no
+    batch-norm recalibration and no validation: its weights end the stage bit-identical.
 
     Args:
         pipeline: The routed pipeline.
@@ -173,6 +190,7 @@ class LargeModelPretraining(_CheckedPretraining):
         model_data: Per-model training data overriding ``data`` (``{model index: split}``), for
             zoos of specialists each trained on its own kind of input.
         checks: Per-epoch batch-norm recalibration, validation and best-epoch selection.
+        frozen: Zoo indices of the models left as they are (``zoo.models[i].train: false``).
     """
 
     name = "pretrain_large"
@@ -188,15 +206,21 @@ class LargeModelPretraining(_CheckedPretraining):
         augment: bool = True,
         model_data: dict[int, Split] | None = None,
         checks: PretrainChecks | None = None,
+        frozen: Collection[int] | None = None,
     ) -> None:
         super().__init__(settings, seed)
         self._init_checks(checks)
         self.pipeline, self.data, self.ignore_index, self.augment = pipeline, data, ignore_index, augment
-        self.model_data = dict(model_data or {})
+        self.frozen = frozen_indices(frozen, len(pipeline.zoo))
+        #: Zoo indices of the models this stage trains (``1..m`` less the frozen ones).
+        self.trained = [i for i in range(1, len(pipeline.zoo)) if i not in self.frozen]
+        self.model_data = {i: part for i, part in (model_data or {}).items() if i not in self.frozen}
         for i, part in self.model_data.items():
             if len(part) == 0:
                 raise ValueError(f"Expected training data for model {pipeline.zoo.names[i]!r} but its subset is empty.")
-        for i in range(1, len(pipeline.zoo)):
+        for i in sorted(self.frozen):
+            pipeline.zoo[i].requires_grad_(False)
+        for i in self.trained:
             key = pipeline.zoo.names[i]
             self.modules[key] = pipeline.zoo[i]
             self.optimizers[key] = torch.optim.Adam(
@@ -215,6 +239,7 @@ class LargeModelPretraining(_CheckedPretraining):
         model_data: dict[int, Split] | None = None,
         checks: PretrainChecks | None = None,
         epochs: int | None = None,
+        frozen: Collection[int] | None = None,
     ) -> LargeModelPretraining:
         """The stage of a ``training.pretrain_large`` section (its optimisation settings and ``augment``).
 
@@ -227,6 +252,7 @@ class LargeModelPretraining(_CheckedPretraining):
             model_data: Per-model training data (``{model index: split}``).
             checks: Per-epoch checks (`PretrainChecks.from_config`).
             epochs: Overrides ``config.epochs``.
+            frozen: Zoo indices of the models left as they are.
         """
         return cls(
             pipeline,
@@ -237,16 +263,17 @@ class LargeModelPretraining(_CheckedPretraining):
             augment=config.augment,
             model_data=model_data,
             checks=checks,
+            frozen=frozen,
         )
 
     def num_steps(self) -> int:
-        sizes = [len(self.model_data.get(i, self.data)) for i in range(1, len(self.pipeline.zoo))]
+        sizes = [len(self.model_data.get(i, self.data)) for i in self.trained]
         return sum(-(-n // self.settings.batch_size) for n in sizes)
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
         part = self.pipeline.partitioner
         logs: dict[str, float] = {}
-        for i in range(1, len(self.pipeline.zoo)):
+        for i in self.trained:
             model, key = self.pipeline.zoo[i], self.pipeline.zoo.names[i]
             model.train()
             total, count = 0.0, 0
@@ -261,7 +288,7 @@ class LargeModelPretraining(_CheckedPretraining):
                 self.optimizers[key].step()
                 total, count = total + float(loss.detach()) * len(images), count + len(images)
             logs[f"losses/ce_{key}"] = total / max(count, 1)
-        logs.update(self.check_models(epoch, [self._checked(i) for i in range(1, len(self.pipeline.zoo))]))
+        logs.update(self.check_models(epoch, [self._checked(i) for i in self.trained]))
         return logs
 
     def _checked(self, i: int) -> tuple[str, nn.Module, Callable[[Tensor], Tensor], Callable[[], Iterable[Tensor]]]:

@@ -7,6 +7,10 @@ policies get REINFORCE on D_RL and a fine-tuning stage, cascades a fitting stage
 is not trainable and has no builder gets no stage of its own; a trainable one without a builder
 is an error that names the router.
 
+Frozen models (``zoo.models[i].train: false``, `frozen_models`) are left out of the stages that
+would train them; a pre-training stage with no model left to train is not built at all
+(`skipped_stages`), and `frozen_summary` is the line the runner prints about it.
+
 Example:
     ```python
     from routerkit.training.recipe import register_stage_builder
@@ -25,7 +29,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from routerkit.config import ConfigError
+from routerkit.config import ConfigError, ExperimentConfig
 from routerkit.config.build import Experiment
 from routerkit.data import Split
 from routerkit.rewards import Reward
@@ -41,10 +45,13 @@ __all__ = [
     "STAGE_BUILDERS",
     "StageBuilder",
     "build_stages",
-    "stage_builder_for",
+    "frozen_models",
+    "frozen_summary",
     "model_training_data",
     "policy_stage",
     "register_stage_builder",
+    "skipped_stages",
+    "stage_builder_for",
     "tvd_stage",
 ]
 
@@ -96,6 +103,47 @@ def stage_builder_for(router: Router) -> StageBuilder | None:
             f"exist for {known}): register one with routerkit.training.recipe.register_stage_builder."
         )
     return None
+
+
+def frozen_models(cfg: ExperimentConfig) -> list[int]:
+    """Zoo indices of the models with ``train: false``, which no stage trains."""
+    return [i for i, m in enumerate(cfg.zoo.models) if not m.train]
+
+
+def skipped_stages(cfg: ExperimentConfig) -> list[str]:
+    """The pre-training stages not built because every model they would train is frozen.
+
+    ``pretrain_large`` trains ``f_1..f_m``, ``pretrain_base`` trains ``f_0``. Joint fine-tuning
+    is always built (it trains the policy too); it leaves the frozen large models as they are.
+    """
+    frozen = set(frozen_models(cfg))
+    skipped = [LargeModelPretraining.name] if set(range(1, len(cfg.zoo.models))) <= frozen else []
+    return skipped + ([BaseModelPretraining.name] if 0 in frozen else [])
+
+
+def frozen_summary(cfg: ExperimentConfig) -> str | None:
+    """The line saying which models are frozen and which stages were skipped (``None`` when none is frozen)."""
+    frozen = frozen_models(cfg)
+    if not frozen:
+        return None
+    names = ", ".join(cfg.zoo.models[i].name for i in frozen)
+    skipped = skipped_stages(cfg)
+    return f"frozen models (zoo.models[].train: false): {names}; stages skipped: " + (
+        ", ".join(skipped) + " (every model they train is frozen)" if skipped else "none"
+    )
+
+
+def _warn_frozen_without_weights(cfg: ExperimentConfig) -> None:
+    """Warn about a frozen model with no ``weights``: it stays at its random initialisation (almost surely a mistake)."""
+    for i in frozen_models(cfg):
+        m = cfg.zoo.models[i]
+        if m.weights is None:
+            warnings.warn(
+                f"zoo.models.{i}.train is false but zoo.models.{i}.weights is not set: model {m.name!r} stays frozen at "
+                "its random initialisation. Expected a state dict file in weights (a zoo trained elsewhere) or train: true.",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 def _checks(exp: Experiment, section: Any) -> PretrainChecks:
@@ -208,6 +256,7 @@ def paser_stages(exp: Experiment, router: PaSeRRouter, seed: int) -> list[Stage]
             data=exp.parts["ft"],
             seed=seed + 1,
             ignore_index=exp.data.ignore_index,
+            frozen=frozen_models(exp.config),
         )
     )
     return stages
@@ -234,31 +283,42 @@ def cascade_stages(exp: Experiment, router: CascadeRouter, seed: int) -> list[St
 def build_stages(exp: Experiment) -> list[Stage]:
     """The stages of Algorithm 1 for ``exp``: pre-training, then those of the router's stage builder (`stage_builder_for`).
 
+    Frozen models (``train: false``) are left out of the stages; a pre-training stage whose models
+    are all frozen is not built (`skipped_stages`). A frozen model without ``weights`` is warned about.
+
     Raises:
         ConfigError: When the router is trainable but has no stage builder, or ``train_on`` selects no data.
     """
     cfg, t = exp.config, exp.config.training
     seed, ignore = cfg.run.seed, exp.data.ignore_index
-    specialists = {i: model_training_data(exp, i) for i, m in enumerate(cfg.zoo.models) if m.train_on is not None}
-    stages: list[Stage] = [
-        LargeModelPretraining.from_config(
-            t.pretrain_large,
-            pipeline=exp.pipeline,
-            data=exp.parts["pt"],
-            seed=seed,
-            ignore_index=ignore,
-            model_data={i: d for i, d in specialists.items() if i > 0},
-            checks=_checks(exp, t.pretrain_large),
-        ),
-        BaseModelPretraining.from_config(
-            t.pretrain_base,
-            pipeline=exp.pipeline,
-            data=specialists.get(0, exp.parts["pt"]),
-            seed=seed + 1,
-            ignore_index=ignore,
-            checks=_checks(exp, t.pretrain_base),
-        ),
-    ]
+    _warn_frozen_without_weights(cfg)
+    frozen, skipped = frozen_models(cfg), skipped_stages(cfg)
+    specialists = {i: model_training_data(exp, i) for i, m in enumerate(cfg.zoo.models) if m.train_on is not None and m.train}
+    stages: list[Stage] = []
+    if LargeModelPretraining.name not in skipped:
+        stages.append(
+            LargeModelPretraining.from_config(
+                t.pretrain_large,
+                pipeline=exp.pipeline,
+                data=exp.parts["pt"],
+                seed=seed,
+                ignore_index=ignore,
+                model_data={i: d for i, d in specialists.items() if i > 0},
+                checks=_checks(exp, t.pretrain_large),
+                frozen=frozen,
+            )
+        )
+    if BaseModelPretraining.name not in skipped:
+        stages.append(
+            BaseModelPretraining.from_config(
+                t.pretrain_base,
+                pipeline=exp.pipeline,
+                data=specialists.get(0, exp.parts["pt"]),
+                seed=seed + 1,
+                ignore_index=ignore,
+                checks=_checks(exp, t.pretrain_base),
+            )
+        )
     builder = stage_builder_for(exp.router)
     if builder is not None:
         stages += builder(exp, exp.router, seed + 2)

@@ -26,7 +26,7 @@ from routerkit.training.evaluation import evaluate_experiment as evaluate_experi
 from routerkit.training.evaluation import results_table as results_table
 from routerkit.training.evaluation import write_results as write_results
 from routerkit.training.loop import Checkpoints, ProgressBar, TrainLog, run_stages
-from routerkit.training.recipe import build_stages
+from routerkit.training.recipe import build_stages, frozen_summary
 from routerkit.training.recipe import model_training_data as model_training_data  # re-exported: callers of the runner
 from routerkit.training.recipe import policy_stage as policy_stage
 from routerkit.training.recipe import tvd_stage as tvd_stage
@@ -89,7 +89,7 @@ def train(
         exp = build_experiment(cfg)  # a config or data error leaves no run behind to --overwrite
         if resume is None:
             # exp.config: cfg plus what the cost model measured here (latency), reused by every later load
-            write_run_files(path, exp.config, plugin_dirs)
+            write_run_files(path, exp.config, plugin_dirs, exp.data.spec)
             if exp.config.cost != cfg.cost:
                 console.print(f"cost [cyan]{cfg.cost.name}[/cyan]: " + exp.pipeline.cost_model.describe(exp.zoo.names))
         return _train_locked(exp, path, resume is not None, console, t0)
@@ -125,6 +125,9 @@ def _train_locked(exp: Experiment, path: Path, resuming: bool, console: Console,
         + ", ".join(f"{n} ({p:,} params)" for n, p in zip(exp.zoo.names, exp.zoo.num_parameters(), strict=True))
     )
     stages = build_stages(exp)
+    frozen = frozen_summary(cfg)
+    if frozen is not None:
+        console.print(frozen, markup=False, soft_wrap=True)
     start_stage, done_epoch = _resume_point(exp, stages, path, console) if resuming else (0, -1)
     with Progress(
         TextColumn("[bold blue]{task.description}"),

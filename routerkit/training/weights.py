@@ -7,23 +7,33 @@ the run's ``config.yaml`` (missing or unexpected keys, other shapes) or holds Na
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from routerkit.config.build import Experiment
+from routerkit.models import Zoo
 from routerkit.routers.base import Router
 from routerkit.training.checkpoint import CheckpointError
 
-__all__ = ["load_model_state", "model_state"]
+__all__ = ["HasModels", "load_model_state", "model_state"]
 
 
-def model_state(exp: Experiment) -> dict[str, Any]:
+class HasModels(Protocol):
+    """What holds a run's weights: an `Experiment`, or the zoo and router `routerkit.load` rebuilds."""
+
+    @property
+    def zoo(self) -> Zoo: ...
+
+    @property
+    def router(self) -> Router: ...
+
+
+def model_state(exp: HasModels) -> dict[str, Any]:
     """The ``model`` entry of a checkpoint: ``{"zoo": zoo state dict, "router": router state dict}``."""
     return {"zoo": exp.zoo.state_dict(), "router": exp.router.state_dict()}
 
 
-def load_model_state(exp: Experiment, state: Any, checkpoint: str = "the checkpoint") -> None:
+def load_model_state(exp: HasModels, state: Any, checkpoint: str = "the checkpoint") -> None:
     """Load a checkpoint's ``model`` entry into the zoo and the router built from the run's config.
 
     Args:
@@ -63,7 +73,7 @@ def load_model_state(exp: Experiment, state: Any, checkpoint: str = "the checkpo
             raise CheckpointError(f"Checkpoint {checkpoint}: loading the {part} state failed: {err}") from None
 
 
-def _module_label(exp: Experiment, part: str, key: str) -> str:
+def _module_label(exp: HasModels, part: str, key: str) -> str:
     """``zoo model 'f1_medium'`` for a zoo key ``members.1.<...>``, ``router (PaSeRRouter)`` for the router's."""
     if part != "zoo":
         return f"router ({type(exp.router).__name__})"
@@ -78,7 +88,7 @@ def _first(items: list[str], n: int = 5) -> str:
     return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
-def _state_mismatches(exp: Experiment, part: str, module: torch.nn.Module, given: dict[str, Any]) -> list[str]:
+def _state_mismatches(exp: HasModels, part: str, module: torch.nn.Module, given: dict[str, Any]) -> list[str]:
     """What keeps ``given`` from loading into ``module``, one line per zoo model (or the router)."""
     from torch.nn.parameter import is_lazy
 
@@ -111,7 +121,7 @@ def _state_mismatches(exp: Experiment, part: str, module: torch.nn.Module, given
     return lines
 
 
-def _non_finite(exp: Experiment, part: str, module: torch.nn.Module, given: dict[str, Any]) -> list[str]:
+def _non_finite(exp: HasModels, part: str, module: torch.nn.Module, given: dict[str, Any]) -> list[str]:
     """Floating-point tensors of ``given`` holding NaN or inf (inf is allowed in router buffers: IDK's unfitted thresholds)."""
     parameters = {name for name, _ in module.named_parameters()}
     bad = []
