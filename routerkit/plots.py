@@ -10,6 +10,24 @@ from routerkit.data import Split
 from routerkit.pipeline import RoutedPipeline
 from routerkit.routers.base import Router
 
+#: Matplotlib colour map of model indices: unit ``k`` of every routing figure is tinted ``MODEL_CMAP(k)``.
+MODEL_CMAP = "tab10"
+
+
+def model_colours(count: int) -> list[tuple[float, float, float]]:
+    """RGB colours in [0, 1] of model indices ``0..count-1``, as every routing figure tints units.
+
+    Shared by `routing_overlay` and ``routerkit predict``'s overlays, so a model has one colour everywhere.
+    """
+    from matplotlib import colormaps
+
+    cmap = colormaps[MODEL_CMAP]
+    colours = []
+    for k in range(count):
+        red, green, blue, _ = cmap(k)
+        colours.append((float(red), float(green), float(blue)))
+    return colours
+
 
 @torch.no_grad()
 def routing_overlay(
@@ -55,7 +73,7 @@ def routing_overlay(
     out = pipeline.route(images.to(device), router, greedy=True)
     rows, cols = pipeline.partitioner.grid_shape
     actions = out.actions.reshape(n, rows, cols).cpu()
-    colours = plt.get_cmap("tab10")
+    colours = plt.get_cmap(MODEL_CMAP)
     uncertainty = out.base.uncertainty.cpu().float()
     has_map = uncertainty.dim() == 3 and bool(uncertainty.abs().sum() > 0)  # a router that reads no state shows none
     vmax = float(uncertainty.max()) if has_map else 1.0
