@@ -280,6 +280,162 @@ def robustness(
     console.print(f"Wrote robustness.md and robustness.json to [cyan]{folder}[/cyan]")
 
 
+_MAX_LISTED_PREDICTIONS = 50
+
+
+@app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `routerkit train`.", show_default=False)],
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            help="Image files (PNG, TIFF, JPEG; 8 or 16-bit; .npy), folders (their image files) or quoted globs.",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: RUN_DIR/predictions).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Windows routed together (large files are tiled).")] = 32,
+    checkpoint: Annotated[str | None, typer.Option(help="Checkpoint name, e.g. 'calibrated' (default: the final one).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace the files of an earlier predict in the output folder.")] = False,
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Route image files with a trained run; write a mask and a routing overlay PNG per file and predictions.csv.
+
+    Files are read with the run's normalisation; files of another size than the trained inputs
+    are tiled into windows (larger) or padded (smaller). Classification runs write only
+    predictions.csv (label, class, model). A file that cannot be read is reported and skipped;
+    the exit code is then 1.
+    """
+    from rich.markup import escape
+    from rich.table import Table
+
+    from routerkit.config import ConfigError
+    from routerkit.deploy import load
+    from routerkit.deploy.writers import GFLOPS_COLUMN, collect_inputs, predict_files
+
+    try:
+        paths = collect_inputs(inputs)
+    except ValueError as err:
+        _fail(str(err))
+    try:
+        model = load(run_dir, checkpoint, trust_remote_code=trust_remote_code)
+    except (ConfigError, FileNotFoundError) as err:
+        _fail(str(err))
+    folder = out if out is not None else Path(run_dir) / "predictions"
+    try:
+        report = predict_files(model, paths, folder, batch_size=batch_size, overwrite=overwrite, console=console)
+    except (ValueError, OSError) as err:  # FileExistsError: an earlier predict's files
+        _fail(str(err))
+    for path, stem in report.renamed:
+        console.print(
+            f"[yellow]note:[/yellow] another input has the stem {escape(path.stem)!r}: "
+            f"{escape(str(path))} is written as {escape(stem)}_mask.png / {escape(stem)}_routing.png."
+        )
+    spatial = report.task == "segmentation"
+    table = Table(
+        title=f"{len(report.rows)} file(s) predicted",
+        caption="GFLOPs: every pass that ran, per file (fvcore convention: one multiply-add = one flop)",
+    )
+    table.add_column("file", overflow="fold")
+    columns = ["size", "windows", *(f"% {name}" for name in report.model_names)] if spatial else ["class", "model"]
+    for column in [*columns, "GFLOPs"]:
+        table.add_column(column, justify="right")
+    for row in report.rows[:_MAX_LISTED_PREDICTIONS]:
+        if spatial:
+            cells = [f"{row['height']} x {row['width']}", str(row["windows"])]
+            cells += [f"{100 * row[f'share_{name}']:.1f}" for name in report.model_names]
+        else:
+            cells = [f"{row['label']} {row['class']}", row["model"]]
+        table.add_row(escape(row["file"]), *cells, f"{row[GFLOPS_COLUMN]:.4g}")
+    if report.rows:
+        console.print(table)
+    if len(report.rows) > _MAX_LISTED_PREDICTIONS:
+        console.print(f"... and {len(report.rows) - _MAX_LISTED_PREDICTIONS} more in predictions.csv.")
+    if spatial and report.rows:
+        counts: dict[int, int] = {}
+        for row in report.rows:
+            counts[row["windows"]] = counts.get(row["windows"], 0) + 1
+        tiled = ", ".join(f"{n} file(s) {w} window(s)" for w, n in sorted(counts.items()))
+        console.print(f"Windows of the trained size {list(model.spec.input_shape[1:])}: {tiled}.")
+    if report.csv is not None:
+        written = f"{len(report.rows)} mask(s), {len(report.rows)} routing overlay(s) and " if spatial else ""
+        console.print(f"Wrote {written}{report.csv.name} to [cyan]{escape(str(report.out_dir))}[/cyan]")
+    if report.failed:
+        lines = [msg if str(path) in msg else f"{path}: {msg}" for path, msg in report.failed]
+        listed = "\n".join(f"  {escape(line)}" for line in lines)
+        console.print(
+            f"[bold red]error:[/bold red] {len(report.failed)} of {len(report.failed) + len(report.rows)} file(s) "
+            f"could not be predicted and were skipped:\n{listed}",
+            soft_wrap=True,
+        )
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `routerkit train`.", show_default=False)],
+    format: Annotated[str, typer.Option("--format", help="Bundle format; 'onnx' (the only one).")] = "onnx",
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: RUN_DIR/export/onnx).")] = None,
+    checkpoint: Annotated[str | None, typer.Option(help="Checkpoint name, e.g. 'calibrated' (default: the final one).")] = None,
+    mask_seed: Annotated[int, typer.Option(help="Seed of the MC-dropout masks baked into the edge graph.")] = 0,
+    opset: Annotated[int, typer.Option(help="ONNX opset of the graphs.")] = 18,
+    exporter: Annotated[
+        str,
+        typer.Option(help="'torchscript' (torch.onnx.export dynamo=False; fast) or 'dynamo' (torch.export; needs onnxscript)."),
+    ] = "torchscript",
+    atol: Annotated[float, typer.Option(help="Largest onnxruntime-vs-PyTorch difference allowed on the check batch.")] = 1e-4,
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Export a run for edge runtimes: the edge graph (f_0 with its MC-dropout state and the router: input -> per-unit
+    actions and f_0's probabilities), one ONNX file per costlier model and manifest.json.
+
+    MC-dropout masks are drawn once from --mask-seed and baked in; routerkit.load(run, mask_seed=...) runs the same
+    state in PyTorch. Run a bundle with routerkit.deploy.OnnxPipeline (onnxruntime: routerkit's 'deploy' extra). Exportable
+    routers: paser, single, idk, optimal_stopping (random draws from torch's generator, the oracle needs labels).
+    """
+    from rich.markup import escape
+    from rich.table import Table
+
+    from routerkit.config import ConfigError
+    from routerkit.deploy.export import EXPORTERS, ExportError, export_onnx
+
+    if format != "onnx":
+        _fail(f"--format must be 'onnx' (the only bundle format), got {format!r}.")
+    if exporter not in EXPORTERS:
+        _fail(f"--exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}.")
+    try:
+        result = export_onnx(run_dir, out, checkpoint, mask_seed, opset, exporter, trust_remote_code, atol)
+    except (ConfigError, ExportError, ImportError, FileNotFoundError) as err:
+        _fail(str(err))
+    m = result.manifest
+    table = Table(title=f"ONNX bundle (opset {m['onnx_opset']}, {m['exporter']})")
+    for column in ("file", "graph", "KiB", "max |onnxruntime - PyTorch|"):
+        table.add_column(column, justify="right" if column == "KiB" else "left")
+
+    def worst(diffs: dict[str, float]) -> str:
+        values = [v for k, v in diffs.items() if not k.endswith("mismatches") and not k.endswith("pipeline")]
+        mismatched = sum(int(v) for k, v in diffs.items() if k.endswith("mismatches") and "pipeline" not in k)
+        return f"{max(values):.2g}" + (f" ({mismatched} decisions differ)" if mismatched else "")
+
+    edge = m["edge"]
+    graph = f"{m['models'][0]['name']} state + {m['router']['name']} -> actions [B, {m['partitioner']['num_units']}]"
+    size = (result.out_dir / edge["file"]).stat().st_size / 1024
+    table.add_row(edge["file"], escape(graph), f"{size:.0f}", worst(edge["max_abs_diff"]))
+    for entry in m["models"][1:]:
+        what = f"{entry['name']} on units {entry['inputs']['units'][1:]}" + (" + stop" if "stop" in entry["outputs"] else "")
+        size = (result.out_dir / entry["file"]).stat().st_size / 1024
+        table.add_row(entry["file"], escape(what), f"{size:.0f}", worst(entry["max_abs_diff"]))
+    console.print(table)
+    state = m["state"]
+    if state["masks"] == "fixed":
+        trunk = "shared trunk, " if state["shared_trunk"] else ""
+        console.print(
+            f"State: {state['num_passes']} MC-dropout passes ({trunk}masks fixed with seed {state['mask_seed']}; "
+            f"PyTorch equivalent: routerkit.load(run, mask_seed={state['mask_seed']}))."
+        )
+    console.print(f"Wrote {len(result.files)} files to [cyan]{escape(str(result.out_dir))}[/cyan] (manifest.json, *.onnx)")
+
+
 @app.command()
 def validate(config: ConfigArg, overrides: OverridesOpt = None) -> None:
     """Check a config file without training or loading data: schema, cross-field rules, registered names and

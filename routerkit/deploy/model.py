@@ -61,8 +61,13 @@ class Prediction:
         return len(self.names)
 
     def usage(self) -> Tensor:
-        """``[B, m + 1]`` share of each input's units answered by each model."""
-        acts = self.actions if isinstance(self.actions, list) else list(self.actions)
+        """``[B, m + 1]`` share of each input's units answered by each model.
+
+        Segmentation counts the units of `routing_map`, i.e. those that cover the input (the
+        padding of a tiled input's last windows is not counted; its FLOPs are, in `gflops`).
+        """
+        source = self.routing_map if self.routing_map is not None else self.actions
+        acts = source if isinstance(source, list) else list(source)
         m = len(self.model_names)
         return torch.stack([torch.bincount(a.flatten(), minlength=m).double() / a.numel() for a in acts])
 

@@ -47,4 +47,3 @@ def test_a_run_with_a_halo_trains_and_charges_the_widened_patches(tmp_path: Path
     # 16 x 16 patches of a 32 x 32 scan: with 4 pixels each side f_2 runs on 24 x 24, (24 / 16)^2 = 2.25x the FLOPs
     ratio = gflops(wide, "f2_large alone") / gflops(plain, "f2_large alone")
     assert 2.0 < ratio < 2.5
-
