@@ -1,4 +1,4 @@
-"""The ``routerkit`` command line: train, evaluate, compare, calibrate, validate, list."""
+"""The ``routerkit`` command line: train, evaluate, compare, calibrate, robustness, predict, export, validate, list."""
 
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,8 @@ def parse_config(raw: dict[str, Any], source: str = "<dict>", config_dir: str | 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read, override and validate an experiment YAML file.
 
-    Relative ``zoo.models[].weights`` paths (overrides included) are resolved against the file's folder.
+    Relative ``zoo.models[].weights`` paths are resolved against the file's folder, those given in
+    ``overrides`` against the working directory.
 
     Args:
         path: YAML file.
@@ -148,4 +150,22 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"Config file {path} is not valid YAML: {err}") from None
-    return parse_config(apply_overrides(raw, overrides or []), str(path), config_dir=path.parent)
+    return parse_config(apply_overrides(raw, _cwd_weights(overrides or [])), str(path), config_dir=path.parent)
+
+
+def _cwd_weights(overrides: list[str]) -> list[str]:
+    """Overrides with relative ``zoo.models.N.weights=PATH`` made absolute against the working directory.
+
+    A path typed on the command line is relative to where it is typed; one in the file, to the file.
+    """
+    out = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        parts = key.strip().split(".")
+        plain = value.strip()
+        if sep and len(parts) == 4 and parts[:2] == ["zoo", "models"] and parts[3] == "weights" and plain:
+            expanded = os.path.expandvars(os.path.expanduser(plain))
+            if plain.lower() not in ("null", "none", "~") and not os.path.isabs(expanded):
+                item = f"{key}={Path.cwd() / expanded}"
+        out.append(item)
+    return out

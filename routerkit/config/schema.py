@@ -127,8 +127,8 @@ class ModelConfig(_Section):
         description="State dict loaded into the model right after it is built: a .safetensors file, or a torch file "
         "(torch.save; read with weights_only=True, so it never runs code) holding the state dict or a dict with a "
         "'state_dict' or 'model' entry holding it. A relative path is resolved when the config is read: against the "
-        "config file's folder (load_config, `routerkit train CONFIG`, like its plugin packages), else (a config given "
-        "as a mapping) against the working directory; the run's config.yaml records the absolute path. None: the "
+        "config file's folder (load_config, `routerkit train CONFIG`, like its plugin packages); one given as a -s "
+        "override, or in a config given as a mapping, against the working directory; the run's config.yaml records the absolute path. None: the "
         "model's own initialisation.",
     )
     train: bool = Field(

@@ -254,6 +254,7 @@ def load(
     trust_remote_code: bool = False,
     seed: int | None = 0,
     mask_seed: int | None = None,
+    fold_bn: bool = True,
 ) -> RoutedModel:
     """A trained run as a `RoutedModel`, without its training data.
 
@@ -268,6 +269,8 @@ def load(
         trust_remote_code: Import the plugin code the run names even if it comes from elsewhere.
         seed: Seed of the MC-dropout state per batch (`RoutedModel`).
         mask_seed: Fixed MC-dropout masks drawn once from this seed (`RoutedModel`; what ``routerkit export`` bakes in).
+        fold_bn: Fold batch norms into convolutions (``False`` keeps the trained modules as they are,
+            e.g. to save their state dicts).
 
     Raises:
         ConfigError: Not a run directory, an unknown checkpoint, or a config / data spec that does not build.
@@ -282,4 +285,4 @@ def load(
     from routerkit.training.run_dir import load_routing
 
     parts = load_routing(run_dir, checkpoint, trust_remote_code, device)
-    return RoutedModel(parts.pipeline, parts.router, parts.spec, seed=seed, mask_seed=mask_seed)
+    return RoutedModel(parts.pipeline, parts.router, parts.spec, seed=seed, fold_bn=fold_bn, mask_seed=mask_seed)

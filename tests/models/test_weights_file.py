@@ -208,7 +208,7 @@ def test_build_zoo_loads_the_weights_and_names_the_field(tmp_path: Path) -> None
         build_zoo(parse_config(_zoo_raw(str(tmp_path / "gone.pt"))), in_channels=1, num_classes=2)
 
 
-def test_relative_paths_resolve_against_the_config_folder_else_the_working_directory(
+def test_relative_paths_resolve_against_the_config_folder_overrides_against_the_working_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import yaml
@@ -219,7 +219,9 @@ def test_relative_paths_resolve_against_the_config_folder_else_the_working_direc
     monkeypatch.chdir(tmp_path)
     from_file = load_config(folder / "exp.yaml")
     assert from_file.zoo.models[1].weights == str(folder / "weights" / "f1.pt")
-    assert load_config(folder / "exp.yaml", ["zoo.models.1.weights=../f1.pt"]).zoo.models[1].weights == str(tmp_path / "f1.pt")
+    # a path typed on the command line is relative to where it is typed
+    assert load_config(folder / "exp.yaml", ["zoo.models.1.weights=w/f1.pt"]).zoo.models[1].weights == str(tmp_path / "w" / "f1.pt")
+    assert load_config(folder / "exp.yaml", ["zoo.models.1.weights=null"]).zoo.models[1].weights is None
     assert parse_config(_zoo_raw("weights/f1.pt")).zoo.models[1].weights == str(tmp_path / "weights" / "f1.pt")
     assert parse_config(_zoo_raw("/abs/f1.pt")).zoo.models[1].weights == "/abs/f1.pt"
     assert parse_config(_zoo_raw(None)).zoo.models[1].weights is None
