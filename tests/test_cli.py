@@ -43,7 +43,8 @@ def _wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_help_of_every_command() -> None:
-    for cmd in ([], ["train"], ["evaluate"], ["compare"], ["calibrate"], ["robustness"], ["predict"], ["export"], ["validate"], ["list"]):
+    commands = ["train", "evaluate", "compare", "calibrate", "robustness", "predict", "export", "validate", "list"]
+    for cmd in ([], *([c] for c in commands)):
         result = runner.invoke(app, [*cmd, "--help"])
         assert result.exit_code == 0, result.output
         assert "Usage" in result.output

@@ -128,8 +128,8 @@ class ModelConfig(_Section):
         "(torch.save; read with weights_only=True, so it never runs code) holding the state dict or a dict with a "
         "'state_dict' or 'model' entry holding it. A relative path is resolved when the config is read: against the "
         "config file's folder (load_config, `routerkit train CONFIG`, like its plugin packages); one given as a -s "
-        "override, or in a config given as a mapping, against the working directory; the run's config.yaml records the absolute path. None: the "
-        "model's own initialisation.",
+        "override, or in a config given as a mapping, against the working directory; the run's config.yaml records "
+        "the absolute path. None: the model's own initialisation.",
     )
     train: bool = Field(
         True,

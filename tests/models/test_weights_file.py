@@ -220,7 +220,8 @@ def test_relative_paths_resolve_against_the_config_folder_overrides_against_the_
     from_file = load_config(folder / "exp.yaml")
     assert from_file.zoo.models[1].weights == str(folder / "weights" / "f1.pt")
     # a path typed on the command line is relative to where it is typed
-    assert load_config(folder / "exp.yaml", ["zoo.models.1.weights=w/f1.pt"]).zoo.models[1].weights == str(tmp_path / "w" / "f1.pt")
+    typed = load_config(folder / "exp.yaml", ["zoo.models.1.weights=w/f1.pt"])
+    assert typed.zoo.models[1].weights == str(tmp_path / "w" / "f1.pt")
     assert load_config(folder / "exp.yaml", ["zoo.models.1.weights=null"]).zoo.models[1].weights is None
     assert parse_config(_zoo_raw("weights/f1.pt")).zoo.models[1].weights == str(tmp_path / "weights" / "f1.pt")
     assert parse_config(_zoo_raw("/abs/f1.pt")).zoo.models[1].weights == "/abs/f1.pt"
