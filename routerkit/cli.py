@@ -1,4 +1,4 @@
-"""The ``routerkit`` command line: train, evaluate, compare, calibrate, robustness, predict, export, validate, list."""
+"""The ``routerkit`` command line: train, evaluate, compare, calibrate, robustness, predict, export, serve, validate, list."""
 
 from __future__ import annotations
 
@@ -434,6 +434,59 @@ def export(
             f"PyTorch equivalent: routerkit.load(run, mask_seed={state['mask_seed']}))."
         )
     console.print(f"Wrote {len(result.files)} files to [cyan]{escape(str(result.out_dir))}[/cyan] (manifest.json, *.onnx)")
+
+
+@app.command()
+def serve(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `routerkit train`.", show_default=False)],
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most concurrent inputs routed together in one model call.")] = 32,
+    max_wait_ms: Annotated[
+        float, typer.Option(min=0.0, help="Longest wait for more inputs after the first of a batch (milliseconds).")
+    ] = 10.0,
+    max_bytes: Annotated[int, typer.Option(min=1, help="Largest request body in bytes (larger: 413).")] = 20_000_000,
+    max_pixels: Annotated[int, typer.Option(min=1, help="Largest input in pixels, H x W (larger: 413).")] = 4096 * 4096,
+    checkpoint: Annotated[str | None, typer.Option(help="Checkpoint name, e.g. 'calibrated' (default: the final one).")] = None,
+    mask_seed: Annotated[int, typer.Option(help="Seed of f_0's fixed MC-dropout masks (answers independent of batching).")] = 0,
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Serve a trained run over HTTP in one process (FastAPI + uvicorn; routerkit's 'serve' extra).
+
+    POST /v1/predict routes one input (a raw image body, a multipart 'file' field, or JSON {"input": nested array} in
+    model space); concurrent requests are batched (--max-batch, --max-wait-ms). GET /v1/info describes the run, GET
+    /healthz and GET /metrics (Prometheus) watch the server, GET / is a page to drop images on. f_0's MC-dropout
+    masks are fixed (--mask-seed) so that an answer does not depend on the batch it was routed in.
+    """
+    from rich.markup import escape
+
+    from routerkit.config import ConfigError
+    from routerkit.deploy import load
+
+    try:
+        from routerkit.serve import ServeSettings, create_app, run_server
+    except ImportError as err:
+        _fail(str(err))
+    try:
+        settings = ServeSettings(max_batch, max_wait_ms, max_bytes, max_pixels)
+    except ValueError as err:
+        _fail(str(err))
+    try:
+        model = load(run_dir, checkpoint, trust_remote_code=trust_remote_code, mask_seed=mask_seed)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    source = {"run_dir": str(run_dir.resolve()), "checkpoint": checkpoint}
+    api = create_app(model, settings, source)
+    url = f"http://{host}:{port}"
+    console.print(
+        f"Serving [cyan]{escape(str(run_dir))}[/cyan] ({', '.join(model.model_names)}) on {url}: page {url}/, "
+        f"API {url}/v1/predict, {url}/v1/info, {url}/healthz, {url}/metrics. Batches of up to {max_batch} inputs "
+        f"within {max_wait_ms:g} ms; MC-dropout masks fixed with seed {mask_seed}. Ctrl-C stops."
+    )
+    try:
+        run_server(api, host, port)
+    except ImportError as err:
+        _fail(str(err))
 
 
 @app.command()

@@ -4,10 +4,16 @@
 pipeline's `RouterSpec`, fits the cascades on replayed tables (`routerkit.training.fitters`), evaluates every strategy by live
 routed inference (`evaluate_router`) and scores its decisions on the replayed split against the
 oracle (rewards, assignment matrices) and, when the data has them, the expert labels.
+
+The optimal-stopping cascade trained jointly with ``f_1..f_m`` (`joint_stopping`) changes its
+classifiers, so it is trained on a deep copy of the zoo and evaluated with its own pipeline and
+replayed table (`Strategy.pipeline`, `Strategy.table`); its oracle share and agreement are
+against the oracle of that zoo.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -19,6 +25,7 @@ from routerkit.compare.results import (
     IDK_GRID,
     IDK_IOU_MATCH,
     OPTIMAL_STOPPING,
+    OPTIMAL_STOPPING_JOINT,
     ORACLE,
     PASER,
     RANDOM,
@@ -32,6 +39,7 @@ from routerkit.config.build import Experiment
 from routerkit.config.schema import CompareConfig
 from routerkit.frontier import Frontier, sweep_summary
 from routerkit.metrics import evaluate_router, seeded_rng
+from routerkit.pipeline import RoutedPipeline
 from routerkit.replay import UnitTable, build_unit_table, decide
 from routerkit.rewards import PaSeRReward
 from routerkit.routers import (
@@ -43,16 +51,58 @@ from routerkit.routers import (
     Router,
     SingleModelRouter,
 )
+from routerkit.training.cascade_fitting import JointCascadeTraining
 from routerkit.training.fitters import fit_idk_grid, fit_idk_iou, fit_optimal_stopping
+from routerkit.training.recipe import frozen_models
 
 
 class Strategy(NamedTuple):
-    """One compared strategy before evaluation: its row's key, display name and kind, and the router."""
+    """One compared strategy before evaluation: its row's key, display name and kind, and the router.
+
+    ``pipeline`` and ``table`` (the evaluation split replayed through that pipeline) are set for a
+    strategy with its own models (the joint optimal-stopping cascade); ``None``: the run's zoo.
+    """
 
     key: str
     name: str
     kind: str
     router: Router
+    pipeline: RoutedPipeline | None = None
+    table: UnitTable | None = None
+
+
+def joint_stopping(
+    exp: Experiment, policy_only: OptimalStoppingCascade, alpha: float, epochs: int
+) -> tuple[RoutedPipeline, OptimalStoppingCascade]:
+    """The optimal-stopping cascade trained jointly with ``f_1..f_m`` on D_RL, from ``policy_only``, on a copy of the zoo.
+
+    `JointCascadeTraining` with ``training.cascade``'s ``joint_lr``, ``lr``, ``loss`` and ``batch_size``,
+    cost weight ``alpha``, ``epochs`` epochs; the models with ``train: false`` stay frozen. The run's
+    zoo and ``policy_only`` are untouched, and so is torch's global RNG (the training runs under
+    `seeded_rng` with ``run.seed``).
+
+    Returns:
+        The pipeline on the jointly trained copy of the zoo (eval mode) and its cascade (on the CPU).
+    """
+    cfg = exp.config
+    pipeline, router = copy.deepcopy(exp.pipeline), copy.deepcopy(policy_only)
+    device = next(iter(pipeline.zoo.parameters())).device
+    stage = JointCascadeTraining.from_config(
+        cfg.training.cascade,
+        pipeline=pipeline,
+        router=router.to(device),
+        accuracy=exp.accuracy,
+        data=exp.parts["rl"],
+        seed=cfg.run.seed,
+        ignore_index=exp.data.ignore_index,
+        frozen=frozen_models(cfg),
+        epochs=epochs,
+    )
+    with seeded_rng(cfg.run.seed, cfg.run.device):
+        for epoch in range(epochs):
+            stage.train_epoch(epoch)
+    pipeline.zoo.eval()
+    return pipeline, router.cpu().eval()
 
 
 def _assignment(oracle: Tensor, chosen: Tensor, num_actions: int) -> tuple[list[list[int]], float]:
@@ -133,6 +183,17 @@ def compare_strategies(
     stopping = build_router("optimal_stopping", OptimalStoppingCascade, spec)
     stop_alpha = lam if settings.stop_alpha is None else settings.stop_alpha
     fit_optimal_stopping(stopping, rl_t, stop_alpha, settings.stop_epochs, seed=cfg.run.seed)
+    joint: list[Strategy] = []
+    if settings.stop_joint_epochs > 0:
+        console.print(
+            f"Training the optimal-stopping cascade jointly with {', '.join(exp.zoo.names[1:])} on D_RL "
+            f"({settings.stop_joint_epochs} epochs, on a copy of the zoo) ..."
+        )
+        joint_pipe, joint_router = joint_stopping(exp, stopping, stop_alpha, settings.stop_joint_epochs)
+        with seeded_rng(cfg.run.seed, device):  # the same MC-dropout states as the run's own table
+            joint_t = build_unit_table(joint_pipe, exp.accuracy, split, k, settings.batch_size, data.ignore_index, device)
+        name = f"Optimal stopping (joint, alpha={stop_alpha:g})"
+        joint.append(Strategy(OPTIMAL_STOPPING_JOINT, name, "cascade", joint_router, joint_pipe, joint_t))
     oracle = build_router("oracle", OracleRouter, spec, lam=lam, accuracy=cfg.reward.accuracy, ignore_index=data.ignore_index)
     random = build_router("random", RandomRouter, spec, seed=cfg.evaluation.random_seed)
     strategies = [
@@ -140,6 +201,7 @@ def compare_strategies(
         Strategy(IDK_GRID, f"IDK cascade (grid, lambda_IDK={settings.idk_lambda:g})", "cascade", idk),
         Strategy(IDK_IOU_MATCH, "IDK cascade (IoU match)", "cascade", idk_match),
         Strategy(OPTIMAL_STOPPING, f"Optimal stopping (alpha={stop_alpha:g})", "cascade", stopping),
+        *joint,
         Strategy(RANDOM, "PaSeR-RandPol", "baseline", random),
     ]
     for i, name in enumerate(exp.zoo.names):
@@ -149,26 +211,35 @@ def compare_strategies(
 
     expert_key = cfg.evaluation.expert_key
     experts = expert_units(split, expert_key, test_t.num_units) if expert_key else None
-    all_rewards = test_t.rewards(reward)
-    oracle_actions = oracle.decide_table(test_t)
-    r_oracle = float(test_t.gather(all_rewards, oracle_actions).nanmean())
-    r_base = float(all_rewards[..., 0].nanmean())
+
+    def oracle_scores(table: UnitTable) -> tuple[Tensor, Tensor, float, float]:
+        """A table's rewards ``[N, P, A]``, the oracle's actions on it, the oracle's and ``f_0``'s mean reward."""
+        rewards = table.rewards(reward)
+        best = oracle.decide_table(table)
+        return rewards, best, float(table.gather(rewards, best).nanmean()), float(rewards[..., 0].nanmean())
+
+    all_rewards, oracle_actions, r_oracle, r_base = oracle_scores(test_t)
     rows: list[StrategyRow] = []
-    for key, name, kind, router in strategies:
+    for key, name, kind, router, own_pipe, own_table in strategies:
+        table = test_t if own_table is None else own_table
+        if own_table is not None:  # its own classifiers: rewards and oracle of its own zoo
+            all_rewards, oracle_actions, r_oracle, r_base = oracle_scores(own_table)
         router.to(device)
         console.print(f"Evaluating {name} ...")
         result = evaluate_router(
-            pipe, router, split, k, name, cfg.evaluation.batch_size, data.ignore_index, device, seed=cfg.run.seed
+            own_pipe or pipe, router, split, k, name, cfg.evaluation.batch_size, data.ignore_index, device, seed=cfg.run.seed
         )
         router.cpu()
-        actions = decide(router, test_t)
-        r = float(test_t.gather(all_rewards, actions).nanmean())
+        actions = decide(router, table)
+        r = float(table.gather(all_rewards, actions).nanmean())
         share = (r - r_base) / (r_oracle - r_base) if r_oracle > r_base else float("nan")
         matrix, agreement = _assignment(oracle_actions, actions, num_actions)
         row = StrategyRow(key, name, kind, result, r, share, matrix, agreement)
         if experts is not None:
             row.expert_assignment, row.expert_accuracy = _assignment(experts, actions.cpu(), num_actions)
         rows.append(row)
+        if own_table is not None:
+            all_rewards, oracle_actions, r_oracle, r_base = oracle_scores(test_t)
     paser.to(device)
 
     singles = [row.result for row in rows if row.key.startswith("single:")]

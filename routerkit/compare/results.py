@@ -1,8 +1,8 @@
 """What `compare_strategies` computes: the strategy rows, the sweep points and the report holding them.
 
 Rows are found by a stable `StrategyRow.key` (``"paser"``, ``"idk_grid"``, ``"idk_iou_match"``,
-``"optimal_stopping"``, ``"random"``, ``"single:<model name>"``, ``"oracle"``), never by their
-display name, which is free text for the tables.
+``"optimal_stopping"``, ``"optimal_stopping_joint"``, ``"random"``, ``"single:<model name>"``,
+``"oracle"``), never by their display name, which is free text for the tables.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ PASER = "paser"
 IDK_GRID = "idk_grid"
 IDK_IOU_MATCH = "idk_iou_match"
 OPTIMAL_STOPPING = "optimal_stopping"
+#: The optimal-stopping cascade trained jointly with f_1..f_m, on a copy of the zoo (its own classifiers).
+OPTIMAL_STOPPING_JOINT = "optimal_stopping_joint"
 RANDOM = "random"
 ORACLE = "oracle"
 IDK = "idk"  # the swept IDK family of the Pareto figure (thresholds at offsets)

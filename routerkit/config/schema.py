@@ -133,9 +133,9 @@ class ModelConfig(_Section):
     )
     train: bool = Field(
         True,
-        description="false freezes the model: pre-training and joint fine-tuning leave its weights (batch-norm "
-        "statistics included) as they are, and a pre-training stage with nothing left to train is skipped; with "
-        "weights, a zoo trained elsewhere. A frozen f_m still teaches f_0 (training.pretrain_base.beta).",
+        description="false freezes the model: pre-training, joint fine-tuning and the joint cascade stage leave its "
+        "weights (batch-norm statistics included) as they are, and a pre-training stage with nothing left to train is "
+        "skipped; with weights, a zoo trained elsewhere. A frozen f_m still teaches f_0 (training.pretrain_base.beta).",
     )
 
     @field_validator("weights")
@@ -304,6 +304,16 @@ class CascadeFitConfig(_Section):
     policy_epochs: Int = Field(60, ge=1, description="Optimal stopping: REINFORCE epochs over the replayed units.")
     loss: Literal["ce", "acc"] = Field("ce", description="Optimal stopping: per-unit loss, cross-entropy or 1 - accuracy.")
     split: Literal["val", "rl"] = Field("val", description="Split the cascade is fitted on: validation or D_RL.")
+    joint: bool = Field(
+        False,
+        description="Optimal stopping: after the policy-only fit, a second stage (fit_cascade_joint) trains the stop "
+        "policies and f_1..f_m together on the same split, on Guan et al.'s objective -loss - alpha * cost paid "
+        "(f_0, the router state, and models with train: false stay frozen).",
+    )
+    joint_epochs: Int = Field(5, ge=1, description="Optimal stopping with joint: epochs of the joint stage (live passes).")
+    joint_lr: Float = Field(
+        1e-4, gt=0, le=MAX_LR, description="Optimal stopping with joint: Adam learning rate of f_1..f_m (the policies use lr)."
+    )
 
 
 class TrainingConfig(_Section):
@@ -340,6 +350,12 @@ class CompareConfig(_Section):
     idk_grid_steps: Int = Field(21, ge=2)
     stop_alpha: Float | None = Field(None, ge=0, description="Optimal-stopping cost weight (default: reward.lam).")
     stop_epochs: Int = Field(60, ge=1, description="REINFORCE epochs of the stop policies.")
+    stop_joint_epochs: Int = Field(
+        3,
+        ge=0,
+        description="Epochs of the optimal-stopping cascade trained jointly with f_1..f_m on D_RL, from the policy-only "
+        "cascade and a copy of the zoo (its own row; training.cascade.joint_lr and loss); 0 leaves the row out.",
+    )
     pareto: bool = Field(True, description="Run the cost/quality sweep and draw pareto.png.")
     sweep_lambdas: list[Float] = Field(
         default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7], description="PaSeR / oracle lambdas."

@@ -75,6 +75,7 @@ __all__ = [
     "export_model",
     "export_onnx",
     "export_problem",
+    "manifest_of",
 ]
 
 #: Default ONNX opset of the graphs.
@@ -157,19 +158,24 @@ def export_problem(router: Router, estimator: object, partitioner: object) -> st
 # ----------------------------------------------------------------------------- graphs
 
 
+def _state_kind(model: RoutedModel) -> str:
+    """How ``f_0``'s state is computed for the model's router: ``none``, ``single_pass``, ``mc_dropout`` or ``estimator``."""
+    pipe, router = model.pipeline, model.router
+    if pipe.base_passes(router) == 0:
+        return "none"  # f_0 does not run
+    if not router.uses_uncertainty:
+        return "single_pass"  # one deterministic softmax (RoutedPipeline.base_output)
+    return "mc_dropout" if isinstance(pipe.estimator, MCDropoutEntropy) else "estimator"
+
+
 class _State(nn.Module):
     """``f_0``'s state as the pipeline computes it for ``router``: ``x -> (probs, uncertainty)``."""
 
     def __init__(self, model: RoutedModel) -> None:
         super().__init__()
-        pipe, router = model.pipeline, model.router
+        pipe = model.pipeline
         estimator = pipe.estimator
-        if pipe.base_passes(router) == 0:
-            self.kind = "none"  # f_0 does not run
-        elif not router.uses_uncertainty:
-            self.kind = "single_pass"  # one deterministic softmax (RoutedPipeline.base_output)
-        else:
-            self.kind = "mc_dropout" if isinstance(estimator, MCDropoutEntropy) else "estimator"
+        self.kind = _state_kind(model)
         #: What runs f_0 for the single-pass kinds (the config's estimator, or a plain softmax).
         self.estimator = estimator if self.kind == "estimator" else SoftmaxEntropy()
         self.base = copy.deepcopy(pipe.zoo.base).eval()
@@ -361,9 +367,7 @@ def _version() -> str:
     try:
         return version("routerkit")
     except PackageNotFoundError:
-        import routerkit
-
-        return routerkit.__version__
+        return "unknown"
 
 
 def export_model(
@@ -395,7 +399,7 @@ def export_model(
     """
     if exporter not in EXPORTERS:
         raise ExportError(f"Expected exporter to be one of {list(EXPORTERS)} but got {exporter!r}.")
-    pipe, router, spec = model.pipeline, model.router, model.spec
+    pipe, router = model.pipeline, model.router
     problem = export_problem(router, pipe.estimator, pipe.partitioner)
     if problem is not None:
         raise ExportError(f"Cannot export: {problem}")
@@ -462,17 +466,73 @@ def export_model(
                 "max_abs_diff": diff,
             }
         )
-    zero_base = pipe.base_output(torch.zeros((1, *pipe.input_shape)), router)
-    estimator = pipe.estimator
-    state = edge.state
-    fmt = spec.file_format
     manifest: dict[str, Any] = {
         "format": "routerkit-onnx",
         "format_version": FORMAT_VERSION,
-        "routerkit_version": _version(),
-        "torch_version": torch.__version__,
         "onnx_opset": opset,
         "exporter": f"torch.onnx.export ({'dynamo=True' if exporter == 'dynamo' else 'dynamo=False, TorchScript'})",
+        **manifest_of(model, source),
+        "edge": {
+            "file": _EDGE_FILE,
+            "sha256": _sha256(edge_file),
+            "inputs": {"x": ["batch", *pipe.input_shape]},
+            "outputs": edge_outputs,
+            "actions": "chosen model per unit" if kind == "pick_first" else "stage-0 decision: 0 = f_0 answers, 1 = go on to f_1",
+            "max_abs_diff": edge_diff,
+        },
+        "models": entries,
+        "validation": {"atol": atol, "batch": 3, "traced_batch": 2, "inputs": "standard normal, seed 0"},
+    }
+    path = folder / MANIFEST
+    atomic_write_json(path, manifest)
+    files.append(path)
+    return ExportResult(folder, path, manifest, files)
+
+
+def manifest_of(model: RoutedModel, source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest fields that describe a routed model itself, without exporting a graph.
+
+    What a bundle's ``manifest.json`` says about the run (`export_model` writes these fields and
+    adds the graphs', ``format``, ``edge``, the files of ``models`` and ``validation``); ``routerkit
+    serve``'s ``GET /v1/info`` answers with them too. Works for every router that decides without
+    labels, exportable or not (``router.kind`` is then ``cascade`` or ``pick_first`` by the router's
+    ``is_cascade``); ``state.masks`` is ``fixed`` when ``f_0``'s MC-dropout masks are
+    (``routerkit.load(..., mask_seed=...)``), else ``per batch``.
+
+    Args:
+        model: The routed model.
+        source: Where the model came from (run directory, checkpoint).
+
+    Returns:
+        ``routerkit_version``, ``torch_version``, ``source``, ``task``, the input and unit shapes,
+        ``partitioner``, the classes, ``normalisation``, ``mask_values``, ``router``, ``state``,
+        ``models`` (index, name, cost and GFLOPs on one unit per model), ``gflops`` (state, policy,
+        per unit, stop decisions) and ``flop_convention``.
+    """
+    pipe, router, spec = model.pipeline, model.router, model.spec
+    part = pipe.partitioner
+    kind = EXPORTABLE_ROUTERS.get(type(router), "cascade" if router.is_cascade else "pick_first")
+    unit_flops = pipe.accountant.unit_flops
+    decision_flops = [*router.decision_flops(), 0] if kind == "cascade" else [0] * len(pipe.zoo)
+    costs = [float(c) for c in pipe.costs.tolist()]
+    zero_base = pipe.base_output(torch.zeros((1, *pipe.input_shape), device=model.device), router)
+    estimator = pipe.estimator
+    state_kind = _state_kind(model)
+    num_passes = int(getattr(estimator, "num_passes", 1)) if state_kind == "mc_dropout" else 1
+    shared_trunk = False
+    if state_kind == "mc_dropout":
+        assert isinstance(estimator, MCDropoutEntropy)
+        x = torch.zeros((1, *pipe.input_shape), device=model.device)
+        shared_trunk = bool(estimator._shares_trunk(pipe.zoo.base, x, _dropouts(pipe.zoo.base)))
+    fixed = any(isinstance(m, FixedMaskDropout) for m in pipe.zoo.base.modules())
+    fmt = spec.file_format
+    models = [
+        {"index": i, "name": name, "cost": costs[i], "unit_gflops": unit_flops[i] / 1e9, "stop_gflops": decision_flops[i] / 1e9}
+        for i, name in enumerate(pipe.zoo.names)
+    ]
+    return {
+        "routerkit_version": _version(),
+        "torch_version": torch.__version__,
         "source": dict(source or {}),
         "task": spec.task,
         "input_shape": list(pipe.input_shape),
@@ -482,7 +542,7 @@ def export_model(
             "name": "patch_grid" if isinstance(part, PatchGrid) else "whole_input",
             "grid": list(part.grid_shape),
             "num_units": part.num_units,
-            "halo": halo,
+            "halo": part.halo,
             "halo_padding": "reflect",
         },
         "num_classes": spec.num_classes,
@@ -497,22 +557,14 @@ def export_model(
             "uses_uncertainty": router.uses_uncertainty,
         },
         "state": {
-            "kind": state.kind,
-            "estimator": type(estimator).__name__ if state.kind != "none" else None,
-            "num_passes": state.num_passes,
-            "shared_trunk": state.shared_trunk,
-            "masks": "fixed" if state.kind == "mc_dropout" else None,
-            "mask_seed": model.mask_seed if state.kind == "mc_dropout" else None,
+            "kind": state_kind,
+            "estimator": type(estimator).__name__ if state_kind != "none" else None,
+            "num_passes": num_passes,
+            "shared_trunk": shared_trunk,
+            "masks": ("fixed" if fixed else "per batch") if state_kind == "mc_dropout" else None,
+            "mask_seed": model.mask_seed if state_kind == "mc_dropout" else None,
         },
-        "edge": {
-            "file": _EDGE_FILE,
-            "sha256": _sha256(edge_file),
-            "inputs": {"x": ["batch", *pipe.input_shape]},
-            "outputs": edge_outputs,
-            "actions": "chosen model per unit" if kind == "pick_first" else "stage-0 decision: 0 = f_0 answers, 1 = go on to f_1",
-            "max_abs_diff": edge_diff,
-        },
-        "models": entries,
+        "models": models,
         "gflops": {
             "state": pipe.base_flops(router) / 1e9,
             "policy": pipe.policy_flops(router, zero_base) / 1e9,
@@ -520,12 +572,7 @@ def export_model(
             "stop": [f / 1e9 for f in decision_flops],
         },
         "flop_convention": _flop_convention(),
-        "validation": {"atol": atol, "batch": 3, "traced_batch": 2, "inputs": "standard normal, seed 0"},
     }
-    path = folder / MANIFEST
-    atomic_write_json(path, manifest)
-    files.append(path)
-    return ExportResult(folder, path, manifest, files)
 
 
 def _check_diff(file: Path, diffs: dict[str, float], atol: float) -> None:

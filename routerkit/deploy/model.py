@@ -45,6 +45,8 @@ class Prediction:
         routing_map: Segmentation: the chosen model per unit laid out over the input, ``[B, R, C]``
             unit rows and columns; ``None`` for classification.
         probs: Class probabilities ``[B, K, ...]`` when asked for (``predict(..., probs=True)``).
+        uncertainty: ``f_0``'s uncertainty map ``[B, H, W]`` (segmentation; ``[B]`` classification), the
+            state the router saw, when asked for (``predict(..., uncertainty=True)``); zeros where ``f_0`` does not run.
     """
 
     names: list[str]
@@ -56,6 +58,7 @@ class Prediction:
     class_names: list[str]
     routing_map: Tensor | list[Tensor] | None = None
     probs: Tensor | list[Tensor] | None = None
+    uncertainty: Tensor | list[Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -150,7 +153,7 @@ class RoutedModel(nn.Module):
         """Stitched class probabilities ``[B, K, ...]`` of a batch ``x [B, *input_shape]`` of the trained shape."""
         return self.pipeline.route(x.to(self.device), self.router).probs
 
-    def predict(self, inputs: Any, batch_size: int = 32, probs: bool = False) -> Prediction:
+    def predict(self, inputs: Any, batch_size: int = 32, probs: bool = False, uncertainty: bool = False) -> Prediction:
         """Route inputs of any size end to end.
 
         Args:
@@ -159,6 +162,7 @@ class RoutedModel(nn.Module):
                 normalisation), or a list of them.
             batch_size: Windows routed together.
             probs: Also return the class probabilities.
+            uncertainty: Also return ``f_0``'s uncertainty map (stitched like the probabilities).
 
         Returns:
             The `Prediction`.
@@ -173,7 +177,7 @@ class RoutedModel(nn.Module):
         items = as_inputs(inputs, self.spec)
         pending, windows = self._plan(items)
         flops = torch.zeros(len(windows), dtype=torch.float64)
-        actions, all_probs = [], []
+        actions, all_probs, all_unc = [], [], []
         for b, start in enumerate(range(0, len(windows), batch_size)):
             x = torch.stack(windows[start : start + batch_size]).to(self.device)
             with seeded_rng(self.seed + b, self.device) if self.seed is not None else _nothing():
@@ -181,7 +185,10 @@ class RoutedModel(nn.Module):
             flops[start : start + x.shape[0]] = out.flops.double().cpu()
             actions.append(out.actions.cpu())
             all_probs.append(out.probs.float().cpu())
-        return self._assemble(pending, torch.cat(actions), torch.cat(all_probs), flops, probs)
+            if uncertainty:
+                all_unc.append(out.base.uncertainty.float().cpu())
+        unc = torch.cat(all_unc) if uncertainty else None
+        return self._assemble(pending, torch.cat(actions), torch.cat(all_probs), flops, probs, unc)
 
     def _plan(self, items: list[Input]) -> tuple[list[_Pending], list[Tensor]]:
         shape = self.spec.input_shape
@@ -203,9 +210,11 @@ class RoutedModel(nn.Module):
             windows.extend(tiling.split(x, self._pad))
         return pending, windows
 
-    def _assemble(self, pending: list[_Pending], actions: Tensor, probs: Tensor, flops: Tensor, keep_probs: bool) -> Prediction:
+    def _assemble(
+        self, pending: list[_Pending], actions: Tensor, probs: Tensor, flops: Tensor, keep_probs: bool, unc: Tensor | None = None
+    ) -> Prediction:
         grid = self.pipeline.partitioner.grid_shape
-        preds, acts, maps, kept, gflops = [], [], [], [], []
+        preds, acts, maps, kept, gflops, uncs = [], [], [], [], [], []
         for p in pending:
             sl = slice(p.start, p.start + p.count)
             a, pr = actions[sl], probs[sl]
@@ -220,6 +229,8 @@ class RoutedModel(nn.Module):
             maps.append(unit_map)
             kept.append(full)
             gflops.append(float(flops[sl].sum()) / 1e9)
+            if unc is not None:
+                uncs.append(unc[sl][0] if p.tiling is None else p.tiling.stitch(unc[sl].unsqueeze(1))[0])
         same = all(p.tiling is None for p in pending)
 
         def pack(values: list[Tensor]) -> Tensor | list[Tensor]:
@@ -236,6 +247,7 @@ class RoutedModel(nn.Module):
             class_names=list(self.spec.class_names),
             routing_map=routing,
             probs=pack(kept) if keep_probs else None,
+            uncertainty=pack(uncs) if unc is not None else None,
         )
 
 

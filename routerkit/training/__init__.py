@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from routerkit.training.base import Stage
-from routerkit.training.cascade_fitting import CascadeFitting
+from routerkit.training.cascade_fitting import CascadeFitting, JointCascadeTraining
 from routerkit.training.checkpoint import load_checkpoint, save_checkpoint
 from routerkit.training.finetune import JointFineTuning
 from routerkit.training.policy import PolicyFineTuning, PolicyTraining, replay_cache
@@ -19,6 +19,7 @@ from routerkit.training.schedules import StageSettings
 __all__ = [
     "BaseModelPretraining",
     "CascadeFitting",
+    "JointCascadeTraining",
     "JointFineTuning",
     "LargeModelPretraining",
     "PolicyFineTuning",

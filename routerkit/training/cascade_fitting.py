@@ -1,27 +1,38 @@
-"""Fitting a cascade router on replayed outputs of the frozen zoo (the stage after pre-training).
+"""Fitting a cascade router after pre-training: on replayed outputs of the frozen zoo, then optionally jointly.
 
-The stage builds the `UnitTable` of its split and hands it to the cascade's own fitting
+`CascadeFitting` builds the `UnitTable` of its split and hands it to the cascade's own fitting
 procedure: IDK's threshold search, or optimal stopping's REINFORCE stop policies.
+`JointCascadeTraining` (``training.cascade.joint``) then trains an optimal-stopping cascade's
+stop policies and the classifiers ``f_1..f_m`` together, live, as Guan et al. (2018) do.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import torch
+from torch import Tensor, nn
 
 from routerkit.data import Split
+from routerkit.functional import entropy, paid_cost, reinforce_loss, unit_mean, unit_mean_probs
 from routerkit.pipeline import RoutedPipeline
 from routerkit.rewards import AccuracyTerm
 from routerkit.routers.base import Router
+from routerkit.routers.cascades import OptimalStoppingCascade
 from routerkit.training.base import Stage, check_choice
+from routerkit.training.pretraining import frozen_indices
+from routerkit.training.reinforce import reward_baseline
 from routerkit.training.schedules import StageSettings
 
 if TYPE_CHECKING:
     from routerkit.config.schema import CascadeFitConfig
 
-__all__ = ["CascadeFitting"]
+__all__ = ["JOINT_LOSSES", "CascadeFitting", "JointCascadeTraining"]
+
+#: Per-unit losses of the joint stage: ``"ce"`` (log loss, exact gradient) or ``"acc"`` (sampled prediction, REINFORCE).
+JOINT_LOSSES = ("ce", "acc")
 
 
 class CascadeFitting(Stage):
@@ -156,3 +167,288 @@ class CascadeFitting(Stage):
         # charged as live routing charges it: every stage reached and its stop decisions
         out["gflops"] = table.flops(actions, cascade=True, decision_flops=self.router.decision_flops()) / 1e9
         return {f"fit/{k}": float(v) for k, v in out.items()}
+
+
+def _unit_masked_mean(x: Tensor, valid: Tensor) -> Tensor:
+    """Mean of ``x [U, ...]`` over each unit's valid pixels (``valid`` of the same shape); 0 for a unit with none."""
+    if x.dim() == 1:
+        return x * valid.to(x.dtype)
+    v = valid.to(x.dtype).flatten(1)
+    return (x.flatten(1) * v).sum(1) / v.sum(1).clamp_min(1.0)
+
+
+def _sample_classes(probs: Tensor, generator: torch.Generator) -> Tensor:
+    """One class per pixel drawn from ``probs [U, K, ...]`` with ``generator`` (on the CPU); ``[U, ...]`` long."""
+    k = probs.shape[1]
+    flat = probs.detach().float().movedim(1, -1).reshape(-1, k)
+    u = torch.rand(flat.shape[0], 1, generator=generator).to(flat.device)
+    drawn = (flat.cumsum(-1) < u).sum(-1).clamp_max(k - 1)
+    return drawn.reshape(probs.shape[:1] + probs.shape[2:])
+
+
+class JointCascadeTraining(Stage):
+    """Guan et al.'s joint training: an optimal-stopping cascade's stop policies and ``f_1..f_m`` together.
+
+    The slides' objective, per unit: ``max E_{k ~ Pi(.|x), y_hat ~ C_k(.|x)} [-L(y_hat, y) - alpha * cost_k]``
+    with ``Pi(k|x) = pi_k(s_k) prod_{t<k} (1 - pi_t(s_t))`` and ``cost_k`` the normalised costs of
+    the stages ``f_0..f_k`` the unit paid. Per batch the cascade runs live: ``f_0`` gives the state,
+    a stop is *sampled* after each stage from ``pi_t`` (the stage's generator), the units that go on
+    are run by the next model with gradients, and the last model answers whatever reaches it.
+    The gradient of the per-unit objective (mean over the batch's units, the baseline ``b`` the
+    batch-mean reward) is, by ``loss``:
+
+    - ``"ce"`` (``L`` the unit's mean cross-entropy ``-log C_k(y|x)``, a log loss of the classifier's
+      distribution, so no ``y_hat`` is drawn): ``(R - b) * grad[sum_{t<k} log(1 - pi_t) + log pi_k]
+      + grad log C_k(y|x)``. The last term is the exact gradient of ``R = log C_k(y|x) - alpha * cost_k``
+      with respect to ``C_k`` for the sampled stop ``k``: cross-entropy on the units that stopped at
+      ``f_k``, the slides' ``log C_k`` term taken in expectation (the log loss scores the distribution).
+    - ``"acc"`` (``L = 1 - accuracy term`` of a prediction ``y_hat`` drawn pixel by pixel from ``C_k``):
+      the slides' estimator itself, ``(R - b) * grad[sum_{t<k} log(1 - pi_t) + log pi_k + log C_k(y_hat|x)]``
+      with ``log C_k(y_hat|x)`` summed over the unit's valid pixels (high variance on large patches).
+
+    The features ``s_t`` of ``f_t``'s output are not detached: the ``pi_t`` terms reach ``f_t`` as well,
+    as in the slides' ``pi_t(s_t(x; theta); theta)``. ``f_0`` is not trained (it computes the router
+    state, MC dropout, on whole inputs; its gradient would need differentiable MC passes of every
+    input) and neither are frozen models (``frozen``, ``zoo.models[i].train: false``): they run in
+    eval mode without gradients and end the stage bit-identical. The trained models run in train
+    mode (dropout) with their batch-norm statistics fixed: the units reaching a stage are few and skewed.
+
+    Args:
+        pipeline: The routed pipeline; its ``f_1..f_m`` (less ``frozen``) are trained in place.
+        router: The optimal-stopping cascade (its stop policies, e.g. from `CascadeFitting`).
+        accuracy: Per-unit accuracy term (``loss="acc"``; logged in both modes).
+        data: The split it trains on.
+        settings: ``epochs``, ``lr`` of the stop policies, ``batch_size`` (inputs), ``weight_decay``.
+        seed: Seed of the stage's generator (shuffling, sampled stops and predictions).
+        alpha: Cost weight of the reward.
+        loss: ``"ce"`` or ``"acc"`` (see above).
+        classifier_lr: Adam learning rate of ``f_1..f_m``.
+        ignore_index: Label ignored by the loss and the accuracy term.
+        frozen: Zoo indices of the models left as they are.
+
+    Raises:
+        ValueError: ``router`` is not an `OptimalStoppingCascade`, ``loss`` or ``alpha`` is invalid.
+    """
+
+    name = "fit_cascade_joint"
+
+    def __init__(
+        self,
+        pipeline: RoutedPipeline,
+        router: Router,
+        accuracy: AccuracyTerm,
+        data: Split,
+        settings: StageSettings,
+        seed: int,
+        *,
+        alpha: float = 0.1,
+        loss: str = "ce",
+        classifier_lr: float = 1e-4,
+        ignore_index: int | None = None,
+        frozen: Collection[int] | None = None,
+    ) -> None:
+        super().__init__(settings, seed)
+        if not isinstance(router, OptimalStoppingCascade):
+            raise ValueError(f"JointCascadeTraining needs an OptimalStoppingCascade but got {type(router).__name__}.")
+        check_choice("loss", loss, JOINT_LOSSES)
+        if alpha < 0 or classifier_lr <= 0:
+            raise ValueError(f"Expected alpha >= 0 and classifier_lr > 0 but got {alpha} and {classifier_lr}.")
+        self.pipeline, self.accuracy, self.data = pipeline, accuracy, data
+        self.router: OptimalStoppingCascade = router
+        self.alpha, self.loss, self.ignore_index = alpha, loss, ignore_index
+        zoo = pipeline.zoo
+        self.frozen = frozen_indices(frozen, len(zoo))
+        #: Zoo indices of the classifiers this stage trains (``1..m`` less the frozen ones).
+        self.trained = [i for i in range(1, len(zoo)) if i not in self.frozen]
+        for i in sorted(self.frozen):
+            zoo[i].requires_grad_(False)
+        self.modules["router"] = router
+        self.optimizers["router"] = torch.optim.Adam(router.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        for i in self.trained:
+            key = self.model_key(i)
+            self.modules[key] = zoo[i]
+            self.optimizers[key] = torch.optim.Adam(zoo[i].parameters(), lr=classifier_lr, weight_decay=settings.weight_decay)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: CascadeFitConfig,
+        *,
+        pipeline: RoutedPipeline,
+        router: Router,
+        accuracy: AccuracyTerm,
+        data: Split,
+        seed: int,
+        ignore_index: int | None = None,
+        frozen: Collection[int] | None = None,
+        epochs: int | None = None,
+    ) -> JointCascadeTraining:
+        """The joint stage of a ``training.cascade`` section with ``joint: true``.
+
+        Args:
+            config: The section (``joint_epochs``, ``lr``, ``joint_lr``, ``batch_size``, ``alpha``, ``loss``).
+            pipeline: The routed pipeline.
+            router: The optimal-stopping cascade.
+            accuracy: Per-unit accuracy term.
+            data: The split ``config.split`` names.
+            seed: Random seed.
+            ignore_index: Label ignored.
+            frozen: Zoo indices of the models left as they are (``zoo.models[i].train: false``).
+            epochs: Overrides ``config.joint_epochs`` (``compare.stop_joint_epochs``).
+        """
+        settings = StageSettings(
+            config.joint_epochs if epochs is None else epochs, config.lr, config.batch_size, config.weight_decay
+        )
+        return cls(
+            pipeline,
+            router,
+            accuracy,
+            data,
+            settings,
+            seed,
+            alpha=config.alpha,
+            loss=config.loss,
+            classifier_lr=config.joint_lr,
+            ignore_index=ignore_index,
+            frozen=frozen,
+        )
+
+    def model_key(self, index: int) -> str:
+        """The key of zoo model ``index`` among the stage's modules and optimisers (``"model:<name>"``)."""
+        return f"model:{self.pipeline.zoo.names[index]}"
+
+    def num_steps(self) -> int:
+        return -(-len(self.data) // self.settings.batch_size)
+
+    def _set_modes(self) -> None:
+        zoo = self.pipeline.zoo
+        zoo.base.eval()
+        self.router.train()
+        for i in sorted(self.frozen):
+            zoo[i].eval()  # no dropout draws, no batch-norm statistics updated
+        for i in self.trained:
+            zoo[i].train()
+            for m in zoo[i].modules():  # the units reaching a stage are few and skewed: keep the running statistics
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
+    def batch_objective(self, images: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """The surrogate loss of one batch (its gradient is the estimator of the class docstring) and its scalars.
+
+        Args:
+            images: ``[B, ...]`` inputs on the zoo's device.
+            targets: ``[B, ...]`` labels.
+
+        Returns:
+            The loss to minimise and the batch's scalars (mean reward, loss, accuracy, stop shares).
+        """
+        zoo, part, router = self.pipeline.zoo, self.pipeline.partitioner, self.router
+        num_models, device = len(zoo), images.device
+        costs = self.pipeline.costs.to(device).float()
+        with torch.no_grad():
+            base = self.pipeline.base_output(images, router)  # f_0 as live routing runs it (MC dropout)
+        units, unit_targets = part.split_inputs(images), part.split(targets)
+        valid = torch.ones_like(unit_targets, dtype=torch.bool)
+        if self.ignore_index is not None:
+            valid = unit_targets != self.ignore_index
+        safe = unit_targets.masked_fill(~valid, 0)
+        n = units.shape[0]
+        log_pi = torch.zeros(n, device=device)  # sum_{t<k} log(1 - pi_t) + log pi_k of the sampled path
+        log_c = torch.zeros(n, device=device)  # "acc": log C_k(y_hat|x) of the sampled prediction
+        unit_loss = torch.zeros(n, device=device)  # L of the model that answered (with gradients)
+        unit_acc = torch.zeros(n, device=device)
+        final = torch.full((n,), num_models - 1, dtype=torch.long, device=device)
+        reached = torch.arange(n, device=device)
+        for t in range(num_models):
+            if t == 0:
+                probs = part.split(base.probs).float()
+                log_probs = probs.clamp_min(1e-12).log()
+                uncertainty = part.split(base.uncertainty.unsqueeze(1)).squeeze(1).float()
+            else:
+                log_probs = torch.log_softmax(self.pipeline.executor.forward(zoo[t], units[reached]).float(), 1)
+                probs = log_probs.exp()
+                uncertainty = entropy(probs)
+            if t < num_models - 1:
+                logits = router.stop_logits(t, unit_mean_probs(probs), unit_mean(uncertainty))
+                stop = torch.rand(logits.shape, generator=self.generator).to(device) < torch.sigmoid(logits.detach())
+                chosen = torch.where(stop, nn.functional.logsigmoid(logits), nn.functional.logsigmoid(-logits))
+                log_pi = log_pi.index_add(0, reached, chosen)
+            else:
+                stop = torch.ones(reached.shape[0], dtype=torch.bool, device=device)
+            idx = reached[stop]
+            if idx.numel():
+                final[idx] = t
+                lp, tg, vd = log_probs[stop], safe[idx], valid[idx]
+                nll = -lp.gather(1, tg.unsqueeze(1)).squeeze(1)
+                unit_loss = unit_loss.index_add(0, idx, _unit_masked_mean(nll, vd))
+                if self.loss == "acc":
+                    drawn = _sample_classes(lp.exp(), self.generator)
+                    picked = lp.gather(1, drawn.unsqueeze(1)).squeeze(1) * vd.to(lp.dtype)
+                    log_c = log_c.index_add(0, idx, picked.flatten(1).sum(1) if picked.dim() > 1 else picked)
+                    onehot = nn.functional.one_hot(drawn, lp.shape[1]).movedim(-1, 1).float()
+                    acc = self.accuracy(onehot, unit_targets[idx])
+                else:
+                    acc = self.accuracy(lp.detach().exp(), unit_targets[idx])
+                unit_acc[idx] = torch.nan_to_num(acc.float().to(device), nan=0.0)  # an all-ignored unit counts 0
+            reached = reached[~stop]
+            if reached.numel() == 0:
+                break
+        paid = paid_cost(final, costs, cascade=True)
+        per_unit_loss = unit_loss.detach() if self.loss == "ce" else 1.0 - unit_acc
+        reward = -per_unit_loss - self.alpha * paid
+        advantage = reward - reward_baseline("mean", reward)
+        if self.loss == "ce":
+            objective = reinforce_loss(log_pi, advantage) + unit_loss.mean()
+        else:
+            objective = reinforce_loss(log_pi + log_c, advantage)
+        logs = {
+            "charts/mean_reward": float(reward.mean()),
+            "losses/ce": float(unit_loss.detach().mean()),
+            "charts/accuracy": float(unit_acc.mean()),
+            "charts/cost": float(paid.mean()),
+        }
+        counts = torch.bincount(final, minlength=num_models).float() / n
+        logs.update({f"charts/stop_at_{name}": float(c) for name, c in zip(zoo.names, counts, strict=True)})
+        return objective, logs
+
+    def run_epoch(self, epoch: int) -> dict[str, float]:
+        zoo = self.pipeline.zoo
+        device = next(iter(zoo.parameters())).device
+        sums: dict[str, float] = {}
+        for images, targets in self.data.batches(self.settings.batch_size, shuffle=True, generator=self.generator):
+            images, targets = images.to(device), targets.to(device)
+            self._set_modes()
+            objective, logs = self.batch_objective(images, targets)
+            for optimizer in self.optimizers.values():
+                optimizer.zero_grad(set_to_none=True)
+            objective.backward()
+            for optimizer in self.optimizers.values():
+                optimizer.step()
+            logs["losses/objective"] = float(objective.detach())
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v * images.shape[0]
+        zoo.eval()
+        self.router.eval()
+        out = {k: v / len(self.data) for k, v in sums.items()}
+        if epoch == self.settings.epochs - 1:  # the greedy cascade on the split, as CascadeFitting reports it
+            out.update(self._greedy_scores(device))
+        return out
+
+    @torch.no_grad()
+    def _greedy_scores(self, device: torch.device) -> dict[str, float]:
+        from routerkit.replay import build_unit_table
+
+        table = build_unit_table(
+            self.pipeline,
+            self.accuracy,
+            self.data,
+            self.router.num_classes,
+            self.settings.batch_size,
+            self.ignore_index,
+            device,
+        )
+        self.router.cpu()
+        actions = self.router.decide_table(table)
+        self.router.to(device)
+        flops = table.flops(actions, cascade=True, decision_flops=self.router.decision_flops())
+        return {"fit/iou": table.mean_iou(actions), "fit/gflops": flops / 1e9}

@@ -33,9 +33,9 @@ from routerkit.config import ConfigError, ExperimentConfig
 from routerkit.config.build import Experiment
 from routerkit.data import Split
 from routerkit.rewards import Reward
-from routerkit.routers import CascadeRouter, PaSeRRouter, Router
+from routerkit.routers import CascadeRouter, OptimalStoppingCascade, PaSeRRouter, Router
 from routerkit.training.base import Stage
-from routerkit.training.cascade_fitting import CascadeFitting
+from routerkit.training.cascade_fitting import CascadeFitting, JointCascadeTraining
 from routerkit.training.finetune import JointFineTuning
 from routerkit.training.policy import PolicyFineTuning, PolicyTraining
 from routerkit.training.pretraining import BaseModelPretraining, LargeModelPretraining, PretrainChecks
@@ -114,7 +114,8 @@ def skipped_stages(cfg: ExperimentConfig) -> list[str]:
     """The pre-training stages not built because every model they would train is frozen.
 
     ``pretrain_large`` trains ``f_1..f_m``, ``pretrain_base`` trains ``f_0``. Joint fine-tuning
-    is always built (it trains the policy too); it leaves the frozen large models as they are.
+    and the joint cascade stage are always built (they train the policy too); they leave the
+    frozen large models as they are.
     """
     frozen = set(frozen_models(cfg))
     skipped = [LargeModelPretraining.name] if set(range(1, len(cfg.zoo.models))) <= frozen else []
@@ -264,20 +265,49 @@ def paser_stages(exp: Experiment, router: PaSeRRouter, seed: int) -> list[Stage]
 
 @register_stage_builder(CascadeRouter)
 def cascade_stages(exp: Experiment, router: CascadeRouter, seed: int) -> list[Stage]:
-    """One `CascadeFitting` stage on the split ``training.cascade.split`` names."""
+    """A `CascadeFitting` stage on the split ``training.cascade.split`` names (seed ``seed``).
+
+    With ``training.cascade.joint`` (optimal stopping only) a `JointCascadeTraining` stage follows on
+    the same split (seed ``seed + 1``): the fitted stop policies and ``f_1..f_m`` trained together,
+    the frozen models (``train: false``) left out.
+
+    Raises:
+        ConfigError: ``training.cascade.joint`` is set for a cascade other than optimal stopping.
+    """
     c = exp.config.training.cascade
-    return [
+    data = exp.data.val if c.split == "val" else exp.parts["rl"]
+    stages: list[Stage] = [
         CascadeFitting.from_config(
             c,
             pipeline=exp.pipeline,
             router=router,
             accuracy=exp.accuracy,
-            data=exp.data.val if c.split == "val" else exp.parts["rl"],
+            data=data,
             num_classes=exp.data.num_classes,
             seed=seed,
             ignore_index=exp.data.ignore_index,
         )
     ]
+    if c.joint:
+        if not isinstance(router, OptimalStoppingCascade):
+            raise ConfigError(
+                f"training.cascade.joint: joint training is for the optimal-stopping cascade (router.name: "
+                f"optimal_stopping) but router.name is {exp.config.router.name!r} ({type(router).__name__}); "
+                "set training.cascade.joint: false."
+            )
+        stages.append(
+            JointCascadeTraining.from_config(
+                c,
+                pipeline=exp.pipeline,
+                router=router,
+                accuracy=exp.accuracy,
+                data=data,
+                seed=seed + 1,
+                ignore_index=exp.data.ignore_index,
+                frozen=frozen_models(exp.config),
+            )
+        )
+    return stages
 
 
 def build_stages(exp: Experiment) -> list[Stage]:
