@@ -241,6 +241,26 @@ def _component_checks(cfg: ExperimentConfig, data_factory: bool) -> Iterable[Cal
     )
     yield named("reward.name", REWARDS, cfg.reward.name, ("lam",))
     yield named("reward.accuracy", ACCURACY_TERMS, cfg.reward.accuracy, ("num_classes", "ignore_index"))
+    if cfg.training.cascade.joint:
+        yield lambda: check_joint_cascade(cfg, resolve_component("router.name", cfg.router.name, ROUTERS))
+
+
+def check_joint_cascade(cfg: ExperimentConfig, router_cls: Any) -> None:
+    """Refuse ``training.cascade.joint`` for a cascade other than optimal stopping (a PaSeR-style router ignores it).
+
+    Raises:
+        ConfigError: Naming ``training.cascade.joint``.
+    """
+    from routerkit.routers import CascadeRouter, OptimalStoppingCascade
+
+    if not (cfg.training.cascade.joint and isinstance(router_cls, type) and issubclass(router_cls, CascadeRouter)):
+        return
+    if not issubclass(router_cls, OptimalStoppingCascade):
+        raise ConfigError(
+            f"training.cascade.joint: joint training is for the optimal-stopping cascade (router.name: "
+            f"optimal_stopping) but router.name is {cfg.router.name!r} ({router_cls.__name__}); "
+            "set training.cascade.joint: false."
+        )
 
 
 def _model_checks(cfg: ExperimentConfig, build: bool) -> Iterable[Callable[[], None]]:

@@ -201,7 +201,9 @@ class JointCascadeTraining(Stage):
       distribution, so no ``y_hat`` is drawn): ``(R - b) * grad[sum_{t<k} log(1 - pi_t) + log pi_k]
       + grad log C_k(y|x)``. The last term is the exact gradient of ``R = log C_k(y|x) - alpha * cost_k``
       with respect to ``C_k`` for the sampled stop ``k``: cross-entropy on the units that stopped at
-      ``f_k``, the slides' ``log C_k`` term taken in expectation (the log loss scores the distribution).
+      ``f_k``. It stands for the slides' sampled term ``log C_k(y_hat|x) * (R - b)``, whose expectation
+      over ``y_hat`` is ``grad E[-L(y_hat, y)]`` (for the 0/1 loss ``grad C_k(y|x) = C_k(y|x) grad log C_k(y|x)``),
+      with the log loss in place of the 0/1 loss: no draw, no variance.
     - ``"acc"`` (``L = 1 - accuracy term`` of a prediction ``y_hat`` drawn pixel by pixel from ``C_k``):
       the slides' estimator itself, ``(R - b) * grad[sum_{t<k} log(1 - pi_t) + log pi_k + log C_k(y_hat|x)]``
       with ``log C_k(y_hat|x)`` summed over the unit's valid pixels (high variance on large patches).
@@ -344,7 +346,7 @@ class JointCascadeTraining(Stage):
         """
         zoo, part, router = self.pipeline.zoo, self.pipeline.partitioner, self.router
         num_models, device = len(zoo), images.device
-        costs = self.pipeline.costs.to(device).float()
+        costs = self.pipeline.costs.detach().to(device).float()
         with torch.no_grad():
             base = self.pipeline.base_output(images, router)  # f_0 as live routing runs it (MC dropout)
         units, unit_targets = part.split_inputs(images), part.split(targets)

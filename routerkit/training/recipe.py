@@ -31,9 +31,10 @@ import torch
 
 from routerkit.config import ConfigError, ExperimentConfig
 from routerkit.config.build import Experiment
+from routerkit.config.checks import check_joint_cascade
 from routerkit.data import Split
 from routerkit.rewards import Reward
-from routerkit.routers import CascadeRouter, OptimalStoppingCascade, PaSeRRouter, Router
+from routerkit.routers import CascadeRouter, PaSeRRouter, Router
 from routerkit.training.base import Stage
 from routerkit.training.cascade_fitting import CascadeFitting, JointCascadeTraining
 from routerkit.training.finetune import JointFineTuning
@@ -289,12 +290,7 @@ def cascade_stages(exp: Experiment, router: CascadeRouter, seed: int) -> list[St
         )
     ]
     if c.joint:
-        if not isinstance(router, OptimalStoppingCascade):
-            raise ConfigError(
-                f"training.cascade.joint: joint training is for the optimal-stopping cascade (router.name: "
-                f"optimal_stopping) but router.name is {exp.config.router.name!r} ({type(router).__name__}); "
-                "set training.cascade.joint: false."
-            )
+        check_joint_cascade(exp.config, type(router))
         stages.append(
             JointCascadeTraining.from_config(
                 c,
