@@ -249,10 +249,10 @@ class PolicyFineTuning(_ReplayedPolicy):
     **What the TVD measures** (``tvd_on``). ``"probs"`` (default, the paper): the TVD between
     the action probabilities. ``"decisions"``: the TVD between the greedy decisions, i.e. the
     share of units whose model changed, which is what evaluation sees (a saturated policy can
-    spend a probability budget softening its probabilities without moving a unit). On noisy
-    MNIST neither made the TVD sweep trade quality for cost: the first steps on D_FT, at a
-    lambda still near 0, improve the assignment (and can move units to the costlier specialist)
-    before lambda is large enough to move any to a cheaper one.
+    spend a probability budget softening its probabilities without moving a unit). The first
+    steps on D_FT, at a lambda still near 0, go on improving a stage-2 policy that is not
+    converged on D_FT, and can move units to a costlier model; the budget then left for lambda
+    is what the sweep trades (docs/examples/mnist.md measures both).
 
     Args:
         pipeline: The routed pipeline.
