@@ -449,6 +449,9 @@ def serve(
     max_pixels: Annotated[int, typer.Option(min=1, help="Largest input in pixels, H x W (larger: 413).")] = 4096 * 4096,
     checkpoint: Annotated[str | None, typer.Option(help="Checkpoint name, e.g. 'calibrated' (default: the final one).")] = None,
     mask_seed: Annotated[int, typer.Option(help="Seed of f_0's fixed MC-dropout masks (answers independent of batching).")] = 0,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="torch CPU threads (default: torch's; 1 is best on a busy small machine).")
+    ] = None,
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Serve a trained run over HTTP in one process (FastAPI + uvicorn; routerkit's 'serve' extra).
@@ -471,6 +474,10 @@ def serve(
         settings = ServeSettings(max_batch, max_wait_ms, max_bytes, max_pixels)
     except ValueError as err:
         _fail(str(err))
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     try:
         model = load(run_dir, checkpoint, trust_remote_code=trust_remote_code, mask_seed=mask_seed)
     except (ConfigError, FileNotFoundError, ValueError) as err:
