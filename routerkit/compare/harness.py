@@ -97,6 +97,7 @@ def joint_stopping(
         ignore_index=exp.data.ignore_index,
         frozen=frozen_models(cfg),
         epochs=epochs,
+        score_split=False,  # compare replays the evaluation split through the trained copy instead
     )
     with seeded_rng(cfg.run.seed, cfg.run.device):
         for epoch in range(epochs):

@@ -351,7 +351,7 @@ class CompareConfig(_Section):
     stop_alpha: Float | None = Field(None, ge=0, description="Optimal-stopping cost weight (default: reward.lam).")
     stop_epochs: Int = Field(60, ge=1, description="REINFORCE epochs of the stop policies.")
     stop_joint_epochs: Int = Field(
-        3,
+        1,
         ge=0,
         description="Epochs of the optimal-stopping cascade trained jointly with f_1..f_m on D_RL, from the policy-only "
         "cascade and a copy of the zoo (its own row; training.cascade.joint_lr and loss); 0 leaves the row out.",

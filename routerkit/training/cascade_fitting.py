@@ -227,6 +227,8 @@ class JointCascadeTraining(Stage):
         classifier_lr: Adam learning rate of ``f_1..f_m``.
         ignore_index: Label ignored by the loss and the accuracy term.
         frozen: Zoo indices of the models left as they are.
+        score_split: After the last epoch, replay the split once through the trained zoo and log the
+            greedy cascade's ``fit/iou`` and ``fit/gflops`` (a pass of every model over every unit).
 
     Raises:
         ValueError: ``router`` is not an `OptimalStoppingCascade`, ``loss`` or ``alpha`` is invalid.
@@ -248,6 +250,7 @@ class JointCascadeTraining(Stage):
         classifier_lr: float = 1e-4,
         ignore_index: int | None = None,
         frozen: Collection[int] | None = None,
+        score_split: bool = True,
     ) -> None:
         super().__init__(settings, seed)
         if not isinstance(router, OptimalStoppingCascade):
@@ -257,7 +260,7 @@ class JointCascadeTraining(Stage):
             raise ValueError(f"Expected alpha >= 0 and classifier_lr > 0 but got {alpha} and {classifier_lr}.")
         self.pipeline, self.accuracy, self.data = pipeline, accuracy, data
         self.router: OptimalStoppingCascade = router
-        self.alpha, self.loss, self.ignore_index = alpha, loss, ignore_index
+        self.alpha, self.loss, self.ignore_index, self.score_split = alpha, loss, ignore_index, score_split
         zoo = pipeline.zoo
         self.frozen = frozen_indices(frozen, len(zoo))
         #: Zoo indices of the classifiers this stage trains (``1..m`` less the frozen ones).
@@ -284,6 +287,7 @@ class JointCascadeTraining(Stage):
         ignore_index: int | None = None,
         frozen: Collection[int] | None = None,
         epochs: int | None = None,
+        score_split: bool = True,
     ) -> JointCascadeTraining:
         """The joint stage of a ``training.cascade`` section with ``joint: true``.
 
@@ -297,6 +301,7 @@ class JointCascadeTraining(Stage):
             ignore_index: Label ignored.
             frozen: Zoo indices of the models left as they are (``zoo.models[i].train: false``).
             epochs: Overrides ``config.joint_epochs`` (``compare.stop_joint_epochs``).
+            score_split: Log the greedy cascade's scores on ``data`` after the last epoch.
         """
         settings = StageSettings(
             config.joint_epochs if epochs is None else epochs, config.lr, config.batch_size, config.weight_decay
@@ -313,6 +318,7 @@ class JointCascadeTraining(Stage):
             classifier_lr=config.joint_lr,
             ignore_index=ignore_index,
             frozen=frozen,
+            score_split=score_split,
         )
 
     def model_key(self, index: int) -> str:
@@ -432,7 +438,7 @@ class JointCascadeTraining(Stage):
         zoo.eval()
         self.router.eval()
         out = {k: v / len(self.data) for k, v in sums.items()}
-        if epoch == self.settings.epochs - 1:  # the greedy cascade on the split, as CascadeFitting reports it
+        if self.score_split and epoch == self.settings.epochs - 1:  # the greedy cascade, as CascadeFitting reports it
             out.update(self._greedy_scores(device))
         return out
 
