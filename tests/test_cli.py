@@ -296,8 +296,9 @@ def test_compare_writes_every_table_and_the_pareto_figure(tiny_run: Path) -> Non
         assert expected in names
     assert any(n.startswith("IDK cascade (grid") for n in names) and any(n.startswith("Optimal stopping") for n in names)
     oracle = next(r for r in rows if r["name"] == "Oracle")
-    for r in rows:  # the oracle bounds every strategy's reward on the same split
-        assert r["mean_reward"] <= oracle["mean_reward"] + 1e-9
+    for r in rows:  # the oracle bounds every strategy's reward on the same split and the same zoo
+        if "(joint" not in r["name"]:  # the joint cascade answers with classifiers of its own
+            assert r["mean_reward"] <= oracle["mean_reward"] + 1e-9
         assert sum(map(sum, r["assignment"])) == 4 * 16
     table2 = json.loads((folder / "table2.json").read_text())
     assert {"paser", "idk_iou_match", "gflops_ratio_idk_over_paser", "matched_within_1e-3"} <= set(table2)
