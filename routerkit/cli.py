@@ -381,8 +381,11 @@ def export(
     opset: Annotated[int, typer.Option(help="ONNX opset of the graphs.")] = 18,
     exporter: Annotated[
         str,
-        typer.Option(help="'torchscript' (torch.onnx.export dynamo=False; fast) or 'dynamo' (torch.export; needs onnxscript)."),
-    ] = "torchscript",
+        typer.Option(
+            help="'auto' (TorchScript, dynamo for a graph it cannot export), 'torchscript' (torch.onnx.export dynamo=False; "
+            "fast) or 'dynamo' (torch.export; needs onnxscript)."
+        ),
+    ] = "auto",
     atol: Annotated[float, typer.Option(help="Largest onnxruntime-vs-PyTorch difference allowed on the check batch.")] = 1e-4,
     trust_remote_code: TrustOpt = False,
 ) -> None:

@@ -21,10 +21,11 @@ generator. The export draws the N passes' masks once from ``mask_seed`` and bake
 edge graph as constants (`routerkit.deploy.masks`); ``routerkit.load(run, mask_seed=...)`` runs the
 same masks in PyTorch, so both give the same actions and probabilities.
 
-**Exporter.** ``torch.onnx.export`` with ``dynamo=False`` (the TorchScript tracer; needs the
-``onnx`` package) by default: it exports the UNets, timm/smp models and the PaSeR policy's
-convolutions in seconds, offline. ``exporter="dynamo"`` uses the ``torch.export``-based exporter
-(needs ``onnxscript`` too; several times slower). Opset `OPSET` unless told otherwise. Every graph
+**Exporter.** ``exporter="auto"`` (default) runs ``torch.onnx.export`` with ``dynamo=False`` (the
+TorchScript tracer; needs the ``onnx`` package), which exports the UNets, timm/smp models and most
+policies in seconds, offline, and falls back to the ``torch.export``-based exporter (``dynamo``;
+needs ``onnxscript``, several times slower) for a graph the tracer cannot export, such as the
+battery policy's adaptive pooling to a grid that does not divide its feature map. Opset `OPSET` unless told otherwise. Every graph
 is checked with ``onnx.checker`` and run with onnxruntime on a random batch of another batch size
 than it was traced with, against PyTorch.
 
@@ -85,7 +86,8 @@ FORMAT_VERSION = 1
 #: The bundle's manifest file name.
 MANIFEST = "manifest.json"
 #: ``torch.onnx.export`` front ends: the TorchScript tracer (``dynamo=False``) or ``torch.export``.
-EXPORTERS = ("torchscript", "dynamo")
+EXPORTERS = ("auto", "torchscript", "dynamo")
+_EXPORTER_NAMES = {"torchscript": "dynamo=False, TorchScript", "dynamo": "dynamo=True"}
 #: How to install what export and `OnnxPipeline` need.
 DEPLOY_EXTRA = "pip install 'routerkit[deploy]'"
 #: Routers with a traceable decision, by class, and how they decide (``pick_first`` or ``cascade``).
@@ -281,8 +283,20 @@ def _quiet() -> Iterator[None]:
 
 def _export_graph(
     module: nn.Module, example: Tensor, file: Path, input_name: str, outputs: list[str], opset: int, exporter: str
-) -> None:
-    """``torch.onnx.export`` of ``module`` on ``example`` with a dynamic first dimension of every input and output."""
+) -> str:
+    """``torch.onnx.export`` of ``module`` on ``example`` with a dynamic first dimension of every input and output.
+
+    ``exporter="auto"`` tries the TorchScript exporter first and the dynamo one where it fails (e.g. an
+    adaptive pooling whose output size does not divide its input's). Returns the exporter that wrote the file.
+    """
+    if exporter == "auto":
+        try:
+            return _export_graph(module, example, file, input_name, outputs, opset, "torchscript")
+        except ExportError as first:
+            try:
+                return _export_graph(module, example, file, input_name, outputs, opset, "dynamo")
+            except (ExportError, ImportError) as second:
+                raise ExportError(f"{first}; the dynamo exporter failed too: {second}") from None
     _require("onnx", "ONNX export")
     module.eval()
     try:
@@ -324,6 +338,7 @@ def _export_graph(
         onnx.checker.check_model(str(file))
     except Exception as err:
         raise ExportError(f"{file}: the exported graph does not pass onnx.checker: {err}") from None
+    return exporter
 
 
 def _session(file: Path) -> Any:
@@ -374,7 +389,7 @@ def export_model(
     model: RoutedModel,
     out: str | Path,
     opset: int = OPSET,
-    exporter: str = "torchscript",
+    exporter: str = "auto",
     atol: float = 1e-4,
     source: dict[str, Any] | None = None,
 ) -> ExportResult:
@@ -384,7 +399,8 @@ def export_model(
         model: The routed model (moved to the CPU for the export).
         out: The bundle folder (created; files of an earlier export there are replaced).
         opset: ONNX opset of every graph.
-        exporter: ``"torchscript"`` (``dynamo=False``) or ``"dynamo"`` (`EXPORTERS`).
+        exporter: ``"auto"`` (TorchScript, dynamo where it fails), ``"torchscript"`` (``dynamo=False``) or
+            ``"dynamo"`` (`EXPORTERS`).
         atol: Largest max abs difference of a probability output allowed between onnxruntime and
             PyTorch on the random validation batch.
         source: Where the model came from (run directory, checkpoint), written into the manifest.
@@ -417,7 +433,9 @@ def export_model(
     edge = _Edge(model).eval()
     edge_file = folder / _EDGE_FILE
     edge_outputs = ["actions", "probs", "uncertainty"]
-    _export_graph(edge, torch.randn((2, *pipe.input_shape), generator=gen), edge_file, "x", edge_outputs, opset, exporter)
+    used = [
+        _export_graph(edge, torch.randn((2, *pipe.input_shape), generator=gen), edge_file, "x", edge_outputs, opset, exporter)
+    ]
     check = torch.randn((3, *pipe.input_shape), generator=gen)
     edge_diff = _compare(edge, edge_file, check, "x", edge_outputs)
     base = pipe.base_output(check, router)  # the wrapper against the pipeline itself
@@ -448,7 +466,9 @@ def export_model(
         unit = _Unit(pipe.zoo[i], halo, router if stage is not None else None, stage).eval()
         outputs = ["probs", "stop"] if stage is not None else ["probs"]
         file = folder / f"{i}_{_safe(pipe.zoo.names[i])}.onnx"
-        _export_graph(unit, torch.randn((2, *pipe.model_unit_shape), generator=gen), file, "units", outputs, opset, exporter)
+        used.append(
+            _export_graph(unit, torch.randn((2, *pipe.model_unit_shape), generator=gen), file, "units", outputs, opset, exporter)
+        )
         diff = _compare(unit, file, torch.randn((3, *pipe.model_unit_shape), generator=gen), "units", outputs)
         _check_diff(file, diff, atol)
         files.append(file)
@@ -470,7 +490,10 @@ def export_model(
         "format": "routerkit-onnx",
         "format_version": FORMAT_VERSION,
         "onnx_opset": opset,
-        "exporter": f"torch.onnx.export ({'dynamo=True' if exporter == 'dynamo' else 'dynamo=False, TorchScript'})",
+        "exporter": ", ".join(
+            f"torch.onnx.export ({'dynamo=True' if name == 'dynamo' else 'dynamo=False, TorchScript'})"
+            for name in sorted(set(used))
+        ),
         **manifest_of(model, source),
         "edge": {
             "file": _EDGE_FILE,
@@ -602,7 +625,7 @@ def export_onnx(
     checkpoint: str | None = None,
     mask_seed: int = 0,
     opset: int = OPSET,
-    exporter: str = "torchscript",
+    exporter: str = "auto",
     trust_remote_code: bool = False,
     atol: float = 1e-4,
 ) -> ExportResult:
@@ -614,7 +637,7 @@ def export_onnx(
         checkpoint: Checkpoint name (default: ``final``, else the latest).
         mask_seed: Seed of the fixed MC-dropout masks baked into the edge graph (`routerkit.deploy.masks`).
         opset: ONNX opset.
-        exporter: ``"torchscript"`` or ``"dynamo"``.
+        exporter: ``"auto"``, ``"torchscript"`` or ``"dynamo"``.
         trust_remote_code: Import the plugin code the run names even if it comes from elsewhere.
         atol: Largest difference to PyTorch allowed on the validation batch.
 

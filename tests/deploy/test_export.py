@@ -24,7 +24,7 @@ from routerkit.cli import app
 from routerkit.config import load_config
 from routerkit.config.build import build_routing
 from routerkit.data.spec import DataSpec, FileFormat
-from routerkit.deploy import OnnxPipeline, RoutedModel, export_onnx, load
+from routerkit.deploy import ExportError, OnnxPipeline, RoutedModel, export_onnx, load
 from routerkit.functional import unit_mean
 from routerkit.pipeline import RoutedPipeline
 from routerkit.routers.base import Router
@@ -290,3 +290,16 @@ def test_a_missing_deploy_extra_is_named(tiny_run: Path, tmp_path: Path, monkeyp
         OnnxPipeline(tmp_path)
     result = runner.invoke(app, ["export", str(tiny_run), "--out", str(tmp_path / "bundle")])
     assert result.exit_code == 2 and "pip install 'routerkit[deploy]'" in result.output and "Traceback" not in result.output
+
+
+def test_auto_exporter_falls_back_to_dynamo_where_the_tracer_fails(tmp_path: Path) -> None:
+    """The flagship policy pools a 14 x 16 map to the 4 x 4 patch grid: the TorchScript exporter refuses it."""
+    pytest.importorskip("onnxscript")
+    from routerkit.deploy.export import _export_graph
+
+    pool = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.AdaptiveAvgPool2d((4, 4)))
+    example = torch.randn(2, 1, 14, 16)
+    with pytest.raises(ExportError, match="torchscript"):
+        _export_graph(pool, example, tmp_path / "a.onnx", "x", ["y"], 18, "torchscript")
+    assert _export_graph(pool, example, tmp_path / "b.onnx", "x", ["y"], 18, "auto") == "dynamo"
+    assert (tmp_path / "b.onnx").exists()
