@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _tiny import tiny_battery
 from typer.testing import CliRunner
 
 from routerkit.cli import app
@@ -30,7 +31,6 @@ from routerkit.pipeline import RoutedPipeline
 from routerkit.routers.base import Router
 from routerkit.training.checkpoint import load_checkpoint, save_checkpoint
 from routerkit.training.run_dir import write_run_files
-from tests._tiny import tiny_battery
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _tiny import tiny_battery
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -18,7 +19,6 @@ from routerkit.data import DataSpec, FileFormat
 from routerkit.deploy import RoutedModel, Tiling
 from routerkit.deploy.inputs import as_inputs, pad_value, read_file
 from routerkit.metrics import seeded_rng
-from tests._tiny import tiny_battery
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -17,10 +17,11 @@ from typer.testing import CliRunner
 pytest.importorskip("fastapi", reason="routerkit serve needs the serve extra: pip install 'routerkit[serve]'")
 pytest.importorskip("uvicorn", reason="routerkit serve needs the serve extra: pip install 'routerkit[serve]'")
 
+from _tiny import tiny_battery
+
 import routerkit
 from routerkit.cli import app
 from routerkit.deploy import RoutedModel
-from tests._tiny import tiny_battery
 
 ROOT = Path(__file__).resolve().parents[2]
 #: The checkpoint the tests serve: the tiny router calibrated to send half of the units past f_0 (mixed routing).

@@ -11,11 +11,14 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from PIL import Image
 
-from tests.serve.conftest import LiveServer
+if TYPE_CHECKING:
+    from serve.conftest import LiveServer
+
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 

@@ -11,7 +11,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -19,7 +19,9 @@ import torch
 from PIL import Image
 
 from routerkit.deploy import RoutedModel
-from tests.serve.conftest import LiveServer
+
+if TYPE_CHECKING:
+    from serve.conftest import LiveServer
 
 
 @dataclass
