@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import math
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from _bench import digest, load_script
 from _tiny import tiny_battery
 from typer.testing import CliRunner
 
@@ -21,18 +19,11 @@ BATTERY = ROOT / "examples" / "battery.yaml"
 
 
 def _script() -> ModuleType:
-    """The script as a module (``benchmarks/`` is not a package)."""
-    spec = importlib.util.spec_from_file_location("state_options", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return load_script("state_options")
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    return digest(folder)
 
 
 def test_state_options_on_a_tiny_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
