@@ -371,11 +371,43 @@ def predict(
         raise typer.Exit(code=1)
 
 
+def _export_weights(run_dir: Path, out: Path | None, checkpoint: str | None, trust: bool, overwrite: bool) -> None:
+    """``routerkit export --format safetensors``: the zoo's weights and ``zoo.json``, with a table."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from routerkit.config import ConfigError
+    from routerkit.deploy.weights import export_weights
+
+    try:
+        result = export_weights(run_dir, out, checkpoint, trust, overwrite)
+    except (ConfigError, FileExistsError, ImportError) as err:
+        _fail(str(err))
+    table = Table(title="Zoo weights (safetensors)")
+    for column in ("file", "model", "parameters", "val accuracy", "test accuracy", "sha256"):
+        table.add_column(column, justify="right" if column in ("parameters", "val accuracy", "test accuracy") else "left")
+    for entry in result.index["models"]:
+        accuracy = [f"{entry[s]['accuracy']:.4f}" if s in entry and "accuracy" in entry[s] else "-" for s in ("val", "test")]
+        table.add_row(entry["file"], escape(entry["model"]), f"{entry['num_parameters']:,}", *accuracy, entry["sha256"][:12])
+    console.print(table)
+    console.print(
+        f"Wrote {len(result.files)} files to [cyan]{escape(str(result.out_dir))}[/cyan]; load them in a config with "
+        "zoo.models[].weights: <file> and train: false"
+    )
+
+
 @app.command()
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by `routerkit train`.", show_default=False)],
-    format: Annotated[str, typer.Option("--format", help="Bundle format; 'onnx' (the only one).")] = "onnx",
-    out: Annotated[Path | None, typer.Option(help="Output folder (default: RUN_DIR/export/onnx).")] = None,
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="'onnx' (the routed bundle for edge runtimes) or 'safetensors' (each zoo model's weights and zoo.json, "
+            "for zoo.models[].weights in another config).",
+        ),
+    ] = "onnx",
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: RUN_DIR/export/<format>).")] = None,
     checkpoint: Annotated[str | None, typer.Option(help="Checkpoint name, e.g. 'calibrated' (default: the final one).")] = None,
     mask_seed: Annotated[int, typer.Option(help="Seed of the MC-dropout masks baked into the edge graph.")] = 0,
     opset: Annotated[int, typer.Option(help="ONNX opset of the graphs.")] = 18,
@@ -387,6 +419,7 @@ def export(
         ),
     ] = "auto",
     atol: Annotated[float, typer.Option(help="Largest onnxruntime-vs-PyTorch difference allowed on the check batch.")] = 1e-4,
+    overwrite: Annotated[bool, typer.Option(help="safetensors: replace files already in --out.")] = False,
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Export a run for edge runtimes: the edge graph (f_0 with its MC-dropout state and the router: input -> per-unit
@@ -395,6 +428,9 @@ def export(
     MC-dropout masks are drawn once from --mask-seed and baked in; routerkit.load(run, mask_seed=...) runs the same
     state in PyTorch. Run a bundle with routerkit.deploy.OnnxPipeline (onnxruntime: routerkit's 'deploy' extra). Exportable
     routers: paser, single, idk, optimal_stopping (random draws from torch's generator, the oracle needs labels).
+
+    --format safetensors writes each zoo model's weights instead (<name>.safetensors and zoo.json), for
+    zoo.models[].weights and train: false in another config.
     """
     from rich.markup import escape
     from rich.table import Table
@@ -402,8 +438,11 @@ def export(
     from routerkit.config import ConfigError
     from routerkit.deploy.export import EXPORTERS, ExportError, export_onnx
 
+    if format == "safetensors":
+        _export_weights(run_dir, out, checkpoint, trust_remote_code, overwrite)
+        return
     if format != "onnx":
-        _fail(f"--format must be 'onnx' (the only bundle format), got {format!r}.")
+        _fail(f"--format must be 'onnx' or 'safetensors', got {format!r}.")
     if exporter not in EXPORTERS:
         _fail(f"--exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}.")
     try:

@@ -212,7 +212,23 @@ class OptimConfig(_Section):
 
 
 class _PretrainChecksConfig(OptimConfig):
-    """What a pre-training stage does after every epoch (validation split, batch-norm statistics)."""
+    """A pre-training stage's optimiser and precision, and what it does after every epoch (validation, batch norm)."""
+
+    lr_schedule: Literal["constant", "cosine", "onecycle"] = Field(  # type: ignore[assignment]
+        "constant",
+        description="'cosine' anneals the learning rate to 0 over the stage's epochs (set every epoch); 'onecycle' "
+        "warms it up linearly from lr / 25 to lr over the first 15% of the steps, then anneals it by a cosine to "
+        "lr / 25 / 1e4 (set every step; Smith's one-cycle policy, for SGD).",
+    )
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="Adam, or SGD with momentum (the CIFAR ResNets' recipe).")
+    momentum: Float = Field(0.9, ge=0, lt=1, description="SGD momentum (optimizer: sgd).")
+    nesterov: bool = Field(True, description="Nesterov momentum (optimizer: sgd, momentum > 0).")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="'bf16': forward passes under torch.autocast in bfloat16 (weights, gradients and optimiser state "
+        "stay float32); faster on CPUs with AVX-512 BF16 / AMX and on GPUs.",
+    )
+    channels_last: bool = Field(False, description="Convolution weights and batches in channels-last memory (oneDNN).")
 
     precise_bn: bool = Field(
         True,

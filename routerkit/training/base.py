@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from routerkit.training.schedules import LR_SCHEDULES, StageSettings, lr_factor
+from routerkit.training.schedules import LR_SCHEDULES, OPTIMIZERS, PER_STEP_SCHEDULES, PRECISIONS, StageSettings, lr_factor
 
 __all__ = ["Stage", "check_choice"]
 
@@ -54,6 +54,11 @@ class Stage:
             raise ValueError(f"Expected epochs >= 0, batch_size >= 1 and lr > 0 for stage {self.name!r} but got {settings}.")
         if settings.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"Expected lr_schedule in {LR_SCHEDULES} for stage {self.name!r} but got {settings.lr_schedule!r}.")
+        if settings.optimizer not in OPTIMIZERS or settings.precision not in PRECISIONS:
+            raise ValueError(
+                f"Expected optimizer in {OPTIMIZERS} and precision in {PRECISIONS} for stage {self.name!r} but got "
+                f"{settings.optimizer!r} and {settings.precision!r}."
+            )
         self.settings = settings
         self.generator = torch.Generator().manual_seed(seed)
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
@@ -74,6 +79,18 @@ class Stage:
             for group, initial in zip(optimizer.param_groups, self._initial_lrs[key], strict=True):
                 group["lr"] = initial * factor
         return self.run_epoch(epoch)
+
+    def step_lr(self, key: str, epoch: int, step: int, steps: int) -> None:
+        """Set optimiser ``key``'s rates for ``step`` of ``steps`` in ``epoch`` under a per-step schedule.
+
+        A no-op for per-epoch schedules (`train_epoch` sets those); stages call it before every step.
+        """
+        if self.settings.lr_schedule not in PER_STEP_SCHEDULES:
+            return
+        self._record_initial_lrs()
+        factor = lr_factor(self.settings.lr_schedule, epoch + step / max(steps, 1), self.settings.epochs)
+        for group, initial in zip(self.optimizers[key].param_groups, self._initial_lrs[key], strict=True):
+            group["lr"] = initial * factor
 
     def _record_initial_lrs(self) -> None:
         """Remember each optimiser's rates as built (before a resume overwrites them with scheduled ones)."""

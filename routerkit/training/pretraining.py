@@ -24,7 +24,7 @@ from routerkit.pipeline import RoutedPipeline
 from routerkit.training.augment import _augment
 from routerkit.training.base import Stage
 from routerkit.training.model_quality import Quality, model_quality, recompute_bn_statistics
-from routerkit.training.schedules import StageSettings
+from routerkit.training.schedules import StageSettings, make_optimizer
 
 if TYPE_CHECKING:
     from routerkit.config.schema import PretrainBaseConfig, PretrainLargeConfig
@@ -37,6 +37,24 @@ def _ce(logits: Tensor, targets: Tensor, ignore_index: int | None) -> Tensor:
     if ignore_index is not None and not bool((targets != ignore_index).any()):
         return logits.sum() * 0.0
     return F.cross_entropy(logits, targets, ignore_index=-100 if ignore_index is None else ignore_index)
+
+
+def _autocast(settings: StageSettings, like: Tensor) -> torch.autocast:
+    """bfloat16 autocast of a training forward when ``settings.precision`` is ``"bf16"`` (disabled otherwise)."""
+    return torch.autocast(like.device.type, dtype=torch.bfloat16, enabled=settings.precision == "bf16")
+
+
+def _memory_format(settings: StageSettings, images: Tensor) -> Tensor:
+    """A 4-D batch in channels-last memory when ``settings.channels_last`` (unchanged otherwise)."""
+    if settings.channels_last and images.dim() == 4:
+        return images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
+def _prepare_model(settings: StageSettings, model: nn.Module) -> None:
+    """Move a model's 4-D weights to channels-last memory when ``settings.channels_last``."""
+    if settings.channels_last:
+        model.to(memory_format=torch.channels_last)
 
 
 @dataclass
@@ -222,10 +240,9 @@ class LargeModelPretraining(_CheckedPretraining):
             pipeline.zoo[i].requires_grad_(False)
         for i in self.trained:
             key = pipeline.zoo.names[i]
+            _prepare_model(settings, pipeline.zoo[i])
             self.modules[key] = pipeline.zoo[i]
-            self.optimizers[key] = torch.optim.Adam(
-                pipeline.zoo[i].parameters(), lr=settings.lr, weight_decay=settings.weight_decay
-            )
+            self.optimizers[key] = make_optimizer(pipeline.zoo[i].parameters(), settings)
 
     @classmethod
     def from_config(
@@ -278,11 +295,16 @@ class LargeModelPretraining(_CheckedPretraining):
             model.train()
             total, count = 0.0, 0
             data = self.model_data.get(i, self.data)
-            for images, targets in data.batches(self.settings.batch_size, shuffle=True, generator=self.generator):
+            steps = -(-len(data) // self.settings.batch_size)
+            batches = data.batches(self.settings.batch_size, shuffle=True, generator=self.generator)
+            for step, (images, targets) in enumerate(batches):
                 if self.augment:
                     images, targets = _augment(images, targets, self.generator)[:2]
-                units, unit_targets = part.split_inputs(images), part.split(targets)
-                loss = _ce(part.crop(model(units)), unit_targets, self.ignore_index)
+                units, unit_targets = _memory_format(self.settings, part.split_inputs(images)), part.split(targets)
+                self.step_lr(key, epoch, step, steps)
+                with _autocast(self.settings, units):
+                    logits = part.crop(model(units))
+                loss = _ce(logits.float(), unit_targets, self.ignore_index)
                 self.optimizers[key].zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizers[key].step()
@@ -328,10 +350,9 @@ class BaseModelPretraining(_CheckedPretraining):
             raise ValueError(f"Expected beta >= 0 but got {beta}.")
         self.pipeline, self.data, self.beta, self.ignore_index, self.augment = pipeline, data, beta, ignore_index, augment
         self.teacher_batch = teacher_batch
+        _prepare_model(settings, pipeline.zoo.base)
         self.modules["f0"] = pipeline.zoo.base
-        self.optimizers["f0"] = torch.optim.Adam(
-            pipeline.zoo.base.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
-        )
+        self.optimizers["f0"] = make_optimizer(pipeline.zoo.base.parameters(), settings)
         self._teacher: Tensor | None = None
 
     @classmethod
@@ -388,14 +409,19 @@ class BaseModelPretraining(_CheckedPretraining):
         totals = {"ce": 0.0, "kd": 0.0}
         n = len(self.data)
         order = torch.randperm(n, generator=self.generator)
-        for start in range(0, n, self.settings.batch_size):
+        steps = -(-n // self.settings.batch_size)
+        for step, start in enumerate(range(0, n, self.settings.batch_size)):
             idx = order[start : start + self.settings.batch_size]
             images, targets = self.data.images[idx], self.data.targets[idx]
             extra: tuple[Tensor, ...] = (teacher[idx],) if teacher is not None else ()
             if self.augment:
                 images, targets, *rest = _augment(images, targets, self.generator, *extra)
                 extra = tuple(rest)
-            logits = model(images)
+            images = _memory_format(self.settings, images)
+            self.step_lr("f0", epoch, step, steps)
+            with _autocast(self.settings, images):
+                logits = model(images)
+            logits = logits.float()
             ce = _ce(logits, targets, self.ignore_index)
             kd = F.mse_loss(logits, extra[0]) if extra else logits.new_zeros(())
             loss = ce + self.beta * kd

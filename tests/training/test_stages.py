@@ -68,3 +68,81 @@ def test_cosine_schedule_sets_every_optimiser_per_epoch() -> None:
         assert rates == pytest.approx([0.01 * lr_factor("cosine", epoch, 4)] * 2)
     with pytest.raises(ValueError, match="lr_schedule"):
         LargeModelPretraining(pipe, data, StageSettings(1, 0.01, 4, lr_schedule="linear"), seed=0)
+
+
+def test_onecycle_warms_up_then_anneals_to_almost_zero() -> None:
+    rates = [lr_factor("onecycle", 4 * s / 100, 4) for s in range(101)]
+    assert rates[0] == pytest.approx(1 / 25)
+    peak = max(range(101), key=rates.__getitem__)
+    assert peak == 15 and rates[peak] == pytest.approx(1.0)
+    assert all(a < b for a, b in itertools.pairwise(rates[: peak + 1]))
+    assert all(a > b for a, b in itertools.pairwise(rates[peak:]))
+    assert rates[-1] == pytest.approx(1 / 25 / 1e4)
+
+
+def _classifier_stage(settings: StageSettings, seed: int = 0) -> tuple[LargeModelPretraining, RoutedPipeline]:
+    from routerkit.models import CifarResNet
+
+    torch.manual_seed(seed)
+    zoo = Zoo([CifarResNet(8, 3, width=4, dropout=0.1), CifarResNet(8, 3, width=4), CifarResNet(8, 3, width=8)])
+    pipe = RoutedPipeline(zoo, WholeInput(), "softmax_entropy", "param_share", (3, 16, 16))
+    g = torch.Generator().manual_seed(1)
+    data = Split(torch.randn(24, 3, 16, 16, generator=g), torch.randint(0, 3, (24,), generator=g))
+    return LargeModelPretraining(pipe, data, settings, seed=seed), pipe
+
+
+def test_onecycle_sets_the_rate_at_every_step_with_sgd() -> None:
+    settings = StageSettings(2, 0.1, 8, 5e-4, "onecycle", optimizer="sgd", momentum=0.9, nesterov=True)
+    stage, _ = _classifier_stage(settings)
+    opt = stage.optimizers["f1"]
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9
+    seen: list[float] = []
+    original = opt.step
+
+    def record(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(opt.param_groups[0]["lr"])
+        return original(*args, **kwargs)
+
+    opt.step = record  # type: ignore[method-assign]
+    for epoch in range(2):
+        stage.train_epoch(epoch)
+    # 3 steps per epoch, 6 in all: the rate of step k is the schedule at k / 3 epochs, not one rate per epoch
+    assert seen == pytest.approx([0.1 * lr_factor("onecycle", k / 3, 2) for k in range(6)])
+    assert len(set(seen)) == 6
+
+
+def test_bf16_channels_last_pretraining_learns_and_keeps_float32_weights() -> None:
+    settings = StageSettings(6, 0.05, 8, 0.0, "onecycle", optimizer="sgd", precision="bf16", channels_last=True)
+    stage, pipe = _classifier_stage(settings)
+    conv = pipe.zoo[1].stem[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    losses = [stage.train_epoch(e)["losses/ce_f1"] for e in range(6)]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    assert all(p.dtype == torch.float32 for p in pipe.zoo.parameters())
+
+
+def test_pretraining_with_sgd_and_onecycle_resumes_exactly(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from routerkit.training.checkpoint import load_checkpoint, save_checkpoint
+
+    settings = StageSettings(3, 0.1, 8, 5e-4, "onecycle", optimizer="sgd")
+    straight, pipe_a = _classifier_stage(settings)
+    for epoch in range(3):
+        logs_a = straight.train_epoch(epoch)
+    first, _ = _classifier_stage(settings)
+    first.train_epoch(0)
+    save_checkpoint(tmp_path, "pretrain-e0000", first.state_dict(), {"epoch": 0})
+    resumed, pipe_b = _classifier_stage(settings)
+    state, _ = load_checkpoint(tmp_path)
+    resumed.load_state_dict(state)
+    for epoch in (1, 2):
+        logs_b = resumed.train_epoch(epoch)
+    assert logs_a == pytest.approx(logs_b)
+    for p, q in zip(pipe_a.zoo.parameters(), pipe_b.zoo.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_unknown_optimizer_or_precision_is_refused() -> None:
+    with pytest.raises(ValueError, match="optimizer"):
+        _classifier_stage(StageSettings(1, 0.1, 8, optimizer="lion"))
+    with pytest.raises(ValueError, match="precision"):
+        _classifier_stage(StageSettings(1, 0.1, 8, precision="fp8"))
