@@ -481,61 +481,149 @@ def export(
 @app.command()
 def serve(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by `routerkit train`.", show_default=False)],
-    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
-    max_batch: Annotated[int, typer.Option(min=1, help="Most concurrent inputs routed together in one model call.")] = 32,
+    backend: Annotated[
+        str | None, typer.Option(help="'local' (one process: FastAPI + uvicorn) or 'ray' (Ray Serve; the 'ray' extra).")
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", help="A YAML file with a 'serve:' section (settings over the run's own serve: section; flags win)."
+        ),
+    ] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Address to listen on (0.0.0.0: every interface). [default: 127.0.0.1]")
+    ] = None,
+    port: Annotated[int | None, typer.Option(min=0, max=65535, help="TCP port. [default: 8000]")] = None,
+    max_batch: Annotated[
+        int | None, typer.Option(min=1, help="Most concurrent inputs routed together in one model call. [default: 32]")
+    ] = None,
     max_wait_ms: Annotated[
-        float, typer.Option(min=0.0, help="Longest wait for more inputs after the first of a batch (milliseconds).")
-    ] = 10.0,
-    max_bytes: Annotated[int, typer.Option(min=1, help="Largest request body in bytes (larger: 413).")] = 20_000_000,
-    max_pixels: Annotated[int, typer.Option(min=1, help="Largest input in pixels, H x W (larger: 413).")] = 4096 * 4096,
+        float | None,
+        typer.Option(min=0.0, help="Longest wait for more inputs after the first of a batch (milliseconds). [default: 10]"),
+    ] = None,
+    max_bytes: Annotated[
+        int | None, typer.Option(min=1, help="Largest request body in bytes (larger: 413). [default: 20000000]")
+    ] = None,
+    max_pixels: Annotated[
+        int | None, typer.Option(min=1, help="Largest input in pixels, H x W (larger: 413). [default: 16777216]")
+    ] = None,
     checkpoint: Annotated[str | None, typer.Option(help="Checkpoint name, e.g. 'calibrated' (default: the final one).")] = None,
-    mask_seed: Annotated[int, typer.Option(help="Seed of f_0's fixed MC-dropout masks (answers independent of batching).")] = 0,
+    mask_seed: Annotated[
+        int | None, typer.Option(help="Seed of f_0's fixed MC-dropout masks (answers independent of batching). [default: 0]")
+    ] = None,
     threads: Annotated[
         int | None, typer.Option(min=1, help="torch CPU threads (default: torch's; 1 is best on a busy small machine).")
     ] = None,
+    setting: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", help="Override a serve setting, e.g. -s ray.models.f2_large.num_replicas=2 (repeatable)."),
+    ] = None,
     trust_remote_code: TrustOpt = False,
 ) -> None:
-    """Serve a trained run over HTTP in one process (FastAPI + uvicorn; routerkit's 'serve' extra).
+    """Serve a trained run over HTTP: in one process (FastAPI + uvicorn; routerkit's 'serve' extra), or with
+    --backend ray as a Ray Serve application whose costlier models are deployments of their own (the 'ray' extra).
 
     POST /v1/predict routes one input (a raw image body, a multipart 'file' field, or JSON {"input": nested array} in
     model space); concurrent requests are batched (--max-batch, --max-wait-ms). GET /v1/info describes the run, GET
     /healthz and GET /metrics (Prometheus) watch the server, GET / is a page to drop images on. f_0's MC-dropout
-    masks are fixed (--mask-seed) so that an answer does not depend on the batch it was routed in.
+    masks are fixed (--mask-seed) so that an answer does not depend on the batch it was routed in. Settings: the run's
+    serve: section, then --config's, then -s and the flags.
     """
     from rich.markup import escape
 
-    from routerkit.config import ConfigError
+    from routerkit.config import ConfigError, load_serve_config, merge_serve_config
+    from routerkit.config.schema import ServeConfig
     from routerkit.deploy import load
+    from routerkit.training.run_dir import trusted_run_config
 
+    flags = {
+        "backend": backend,
+        "host": host,
+        "port": port,
+        "max_batch": max_batch,
+        "max_wait_ms": max_wait_ms,
+        "max_bytes": max_bytes,
+        "max_pixels": max_pixels,
+        "mask_seed": mask_seed,
+        "threads": threads,
+    }
+    try:
+        if not (run_dir / "config.yaml").exists():
+            raise ConfigError(f"{run_dir} is not a run directory (no config.yaml).")
+        cfg: ServeConfig = trusted_run_config(run_dir, trust_remote_code).serve
+        if config is not None:
+            cfg = load_serve_config(config, cfg)
+        given = {k: v for k, v in flags.items() if v is not None}
+        cfg = merge_serve_config(cfg, given, "the command line", setting or [])
+    except ConfigError as err:
+        _fail(str(err))
+    if cfg.backend == "ray":
+        _serve_ray(run_dir, cfg, checkpoint, trust_remote_code)
+        return
     try:
         from routerkit.serve import ServeSettings, create_app, run_server
     except ImportError as err:
         _fail(str(err))
-    try:
-        settings = ServeSettings(max_batch, max_wait_ms, max_bytes, max_pixels)
-    except ValueError as err:
-        _fail(str(err))
-    if threads is not None:
+    settings = ServeSettings(cfg.max_batch, cfg.max_wait_ms, cfg.max_bytes, cfg.max_pixels, cfg.max_queue)
+    if cfg.threads is not None:
         import torch
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(cfg.threads)
     try:
-        model = load(run_dir, checkpoint, trust_remote_code=trust_remote_code, mask_seed=mask_seed)
+        model = load(run_dir, checkpoint, trust_remote_code=trust_remote_code, mask_seed=cfg.mask_seed)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         _fail(str(err))
     source = {"run_dir": str(run_dir.resolve()), "checkpoint": checkpoint}
     api = create_app(model, settings, source)
-    url = f"http://{host}:{port}"
+    url = f"http://{cfg.host}:{cfg.port}"
     console.print(
         f"Serving [cyan]{escape(str(run_dir))}[/cyan] ({', '.join(model.model_names)}) on {url}: page {url}/, "
-        f"API {url}/v1/predict, {url}/v1/info, {url}/healthz, {url}/metrics. Batches of up to {max_batch} inputs "
-        f"within {max_wait_ms:g} ms; MC-dropout masks fixed with seed {mask_seed}. Ctrl-C stops."
+        f"API {url}/v1/predict, {url}/v1/info, {url}/healthz, {url}/metrics. Batches of up to {cfg.max_batch} inputs "
+        f"within {cfg.max_wait_ms:g} ms; MC-dropout masks fixed with seed {cfg.mask_seed}. Ctrl-C stops."
     )
     try:
-        run_server(api, host, port)
+        run_server(api, cfg.host, cfg.port)
     except ImportError as err:
         _fail(str(err))
+
+
+def _serve_ray(run_dir: Path, cfg: Any, checkpoint: str | None, trust: bool) -> None:
+    """``routerkit serve --backend ray``: deploy on a Ray cluster and serve until Ctrl-C."""
+    from rich.markup import escape
+
+    from routerkit.config import ConfigError
+
+    try:
+        from routerkit.serve.ray_backend import model_settings, start_ray_server
+    except ImportError as err:
+        _fail(str(err))
+    where = cfg.ray.address or f"a local Ray cluster ({cfg.ray.num_cpus or 'all'} CPUs)"
+    url = f"http://{cfg.host}:{cfg.port}"
+    console.print(
+        f"Deploying [cyan]{escape(str(run_dir))}[/cyan] on {escape(str(where))} as Ray Serve app {cfg.ray.app_name!r} ..."
+    )
+    try:
+        start_ray_server(
+            run_dir,
+            cfg,
+            checkpoint,
+            trust,
+            blocking=True,
+            on_ready=lambda names: console.print(
+                f"Serving on {url} (page {url}/, API {url}/v1/predict): ingress ({names[0]} + router, "
+                f"{_replicas(cfg.ray.ingress)}), "
+                + ", ".join(f"{n} ({_replicas(model_settings(cfg, n))})" for n in names[1:])
+                + ". Ctrl-C stops."
+            ),
+        )
+    except ConfigError as err:
+        _fail(str(err))
+
+
+def _replicas(settings: Any) -> str:
+    a = settings.autoscaling
+    count = f"{a.min_replicas}-{a.max_replicas} replicas, autoscaled" if a is not None else f"{settings.num_replicas} replica(s)"
+    return f"{count}, {settings.num_cpus:g} CPU / {settings.num_gpus:g} GPU each"
 
 
 @app.command()

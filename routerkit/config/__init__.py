@@ -9,9 +9,19 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from routerkit.config.schema import CONFIG_DIR, ExperimentConfig
+from routerkit.config.schema import CONFIG_DIR, ExperimentConfig, ServeConfig
 
-__all__ = ["ConfigError", "ExperimentConfig", "apply_overrides", "config_to_dict", "dump_config", "load_config", "parse_config"]
+__all__ = [
+    "ConfigError",
+    "ExperimentConfig",
+    "apply_overrides",
+    "config_to_dict",
+    "dump_config",
+    "load_config",
+    "load_serve_config",
+    "merge_serve_config",
+    "parse_config",
+]
 
 
 class ConfigError(ValueError):
@@ -169,3 +179,52 @@ def _cwd_weights(overrides: list[str]) -> list[str]:
                 item = f"{key}={Path.cwd() / expanded}"
         out.append(item)
     return out
+
+
+def load_serve_config(path: str | Path, base: ServeConfig | None = None, overrides: list[str] | None = None) -> ServeConfig:
+    """The ``serve:`` section of a YAML file (a whole config, or a file holding only ``serve:``) over ``base``.
+
+    Keys the file sets replace ``base``'s (sub-sections merged key by key); ``overrides``
+    (``serve.key=value`` or ``key=value``) come last.
+
+    Args:
+        path: The YAML file.
+        base: The settings it amends (default: `ServeConfig`'s defaults), e.g. the run's own ``serve:``.
+        overrides: ``key.sub=value`` items (values parsed as YAML).
+
+    Raises:
+        ConfigError: The file is missing, not YAML, has no ``serve:`` mapping, or a setting is invalid
+            (the message names the field, as ``serve.<field>``).
+    """
+    file = Path(path)
+    try:
+        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"Serve config {file} does not exist.") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"Serve config {file} is not readable YAML: {_one_line(err)}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("serve"), dict):
+        raise ConfigError(f"Serve config {file}: expected a mapping with a 'serve:' section (routerkit serve's settings).")
+    return merge_serve_config(base or ServeConfig(), raw["serve"], str(file), overrides)
+
+
+def merge_serve_config(
+    base: ServeConfig, section: dict[str, Any], source: str, overrides: list[str] | None = None
+) -> ServeConfig:
+    """``base`` with a raw ``serve:`` mapping's keys and ``overrides`` applied, validated; errors name ``serve.<field>``."""
+
+    def merge(into: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+        for key, value in new.items():
+            into[key] = merge(dict(into[key]), value) if isinstance(value, dict) and isinstance(into.get(key), dict) else value
+        return into
+
+    raw = merge(_plain(base.model_dump()), section)
+    items = [item.removeprefix("serve.") for item in overrides or []]
+    raw = apply_overrides(raw, items)
+    try:
+        return ServeConfig.model_validate(raw)
+    except ValidationError as err:
+        lines = format_validation_error(err, source).splitlines()
+        return_lines = [lines[0].replace("Invalid config", "Invalid serve config")]
+        return_lines += [line.replace("  - ", "  - serve.", 1) for line in lines[1:]]
+        raise ConfigError("\n".join(return_lines)) from None

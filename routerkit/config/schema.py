@@ -389,6 +389,81 @@ class CompareConfig(_Section):
     )
 
 
+class RayAutoscalingConfig(_Section):
+    """Ray Serve autoscaling of one deployment (replicas follow the requests in flight)."""
+
+    min_replicas: Int = Field(1, ge=0, description="Fewest replicas (0: scale to zero when idle).")
+    max_replicas: Int = Field(4, ge=1, description="Most replicas.")
+    target_ongoing_requests: Float = Field(2.0, gt=0, description="Requests in flight per replica the autoscaler aims at.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> RayAutoscalingConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas}).")
+        return self
+
+
+class RayDeploymentConfig(_Section):
+    """Resources and scaling of one Ray Serve deployment (the ingress, or one costlier model)."""
+
+    num_replicas: Int = Field(1, ge=1, description="Fixed number of replicas (ignored with autoscaling).")
+    autoscaling: RayAutoscalingConfig | None = Field(None, description="Scale replicas with the load instead.")
+    num_cpus: Float = Field(
+        0.5,
+        ge=0,
+        description="CPUs reserved per replica; its torch threads are this rounded, at least 1 (0.5: three deployments "
+        "fit in 2 CPUs).",
+    )
+    num_gpus: Float = Field(0.0, ge=0, description="GPUs per replica (fractions share a GPU); > 0 runs the model on CUDA.")
+    max_ongoing_requests: Int = Field(32, ge=1, description="Requests one replica takes at once.")
+
+
+class RayModelConfig(RayDeploymentConfig):
+    """A costlier model's deployment: its `@serve.batch` batching and how units are cut into calls."""
+
+    max_batch: Int = Field(8, ge=1, description="Most calls (groups of units from the ingress) batched into one forward.")
+    batch_wait_ms: Float = Field(2.0, ge=0, description="Longest wait for more calls after the first of a batch (ms).")
+    units_per_call: Int | None = Field(
+        None,
+        ge=1,
+        description="Cut the units a batch sends to this model into calls of at most this many, sent at once, so that "
+        "several replicas share one batch (None: one call per batch).",
+    )
+
+
+class RayServeConfig(_Section):
+    """``routerkit serve --backend ray``: f_0 and the router in an ingress deployment, each costlier model its own."""
+
+    address: str | None = Field(
+        None, description="Ray cluster to join ('auto': the running one; None: start a local cluster in this process)."
+    )
+    num_cpus: Int | None = Field(None, ge=1, description="CPUs of a local cluster (None: the machine's).")
+    app_name: str = Field("routerkit", min_length=1, description="Ray Serve application name.")
+    ingress: RayDeploymentConfig = Field(default_factory=RayDeploymentConfig)
+    model_defaults: RayModelConfig = Field(
+        default_factory=RayModelConfig, description="Settings of every costlier model not listed in models."
+    )
+    models: dict[str, RayModelConfig] = Field(
+        default_factory=dict, description="Per costlier model (by zoo name), replacing model_defaults for it."
+    )
+
+
+class ServeConfig(_Section):
+    """``routerkit serve``: where, how requests are batched and limited, and the backend (command-line flags win)."""
+
+    backend: Literal["local", "ray"] = Field("local", description="'local': one process (FastAPI + uvicorn); 'ray': Ray Serve.")
+    host: str = Field("127.0.0.1", min_length=1, description="Address to listen on (0.0.0.0: every interface).")
+    port: Int = Field(8000, ge=0, le=65535)
+    max_batch: Int = Field(32, ge=1, description="Most concurrent inputs routed together by the ingress.")
+    max_wait_ms: Float = Field(10.0, ge=0, description="Longest wait for more inputs after the first of a batch (ms).")
+    max_bytes: Int = Field(20_000_000, ge=1, description="Largest request body in bytes (larger: 413).")
+    max_pixels: Int = Field(4096 * 4096, ge=1, description="Largest input in pixels, H x W (larger: 413).")
+    max_queue: Int = Field(1024, ge=1, description="Most inputs waiting for the model (beyond: 503).")
+    mask_seed: Int = Field(0, ge=0, description="Seed of f_0's fixed MC-dropout masks (answers independent of batching).")
+    threads: Int | None = Field(None, ge=1, description="torch CPU threads of the one-process server (None: torch's).")
+    ray: RayServeConfig = Field(default_factory=RayServeConfig)
+
+
 class ExperimentConfig(_Section):
     """A whole experiment: ``routerkit train`` reads one of these from YAML."""
 
@@ -403,6 +478,7 @@ class ExperimentConfig(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
@@ -434,6 +510,14 @@ class ExperimentConfig(_Section):
                 f"training.finetune.lam_end ({self.training.finetune.lam_end}) must be >= reward.lam ({self.reward.lam}): "
                 "the fine-tuning schedule raises lambda.",
             )
+        costlier = [m.name for m in self.zoo.models[1:]]
+        for name in self.serve.ray.models:
+            if name not in costlier:
+                raise field_error(
+                    f"serve.ray.models.{name}",
+                    f"Expected the name of a costlier model of the zoo ({', '.join(costlier) or 'none'}; f_0 runs in the "
+                    f"ingress: serve.ray.ingress) but got {name!r}.",
+                )
         for stage in ("policy", "finetune"):
             s = getattr(self.training, stage)
             if s.alpha_end < s.alpha_start:

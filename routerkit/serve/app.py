@@ -324,7 +324,12 @@ async def _read_input(request: Request, model: RoutedModel, settings: ServeSetti
 # ------------------------------------------------------------------------------ the app
 
 
-def create_app(model: RoutedModel, settings: ServeSettings | None = None, source: dict[str, Any] | None = None) -> FastAPI:
+def create_app(
+    model: RoutedModel,
+    settings: ServeSettings | None = None,
+    source: dict[str, Any] | None = None,
+    backend: dict[str, Any] | None = None,
+) -> FastAPI:
     """A FastAPI app that routes requests with ``model`` (see the module's docstring for the endpoints).
 
     The batch worker starts with the app's lifespan (``uvicorn`` runs it; use ``with
@@ -334,6 +339,8 @@ def create_app(model: RoutedModel, settings: ServeSettings | None = None, source
         model: The routed model, best loaded with fixed MC-dropout masks (``routerkit.load(run, mask_seed=0)``).
         settings: Batching and limits (default `ServeSettings`).
         source: Where the model came from (``run_dir``, ``checkpoint``), shown in ``/v1/info``.
+        backend: What serves it, shown in ``/v1/info`` as ``backend`` (default ``{"name": "local"}``;
+            `routerkit.serve.ray_backend` gives its deployments).
 
     Returns:
         The app; ``app.state`` holds ``model``, ``settings``, ``metrics`` (`ServeMetrics`),
@@ -405,6 +412,7 @@ def create_app(model: RoutedModel, settings: ServeSettings | None = None, source
         "largest_model": model.model_names[renderer.largest],
         "model_colours": renderer.model_colours,
         "class_colours": renderer.class_colours,
+        "backend": backend or {"name": "local"},
         "serve": {
             **asdict(settings),
             "formats": list(FORMATS),
