@@ -224,7 +224,6 @@ def merge_serve_config(
     try:
         return ServeConfig.model_validate(raw)
     except ValidationError as err:
-        lines = format_validation_error(err, source).splitlines()
-        return_lines = [lines[0].replace("Invalid config", "Invalid serve config")]
-        return_lines += [line.replace("  - ", "  - serve.", 1) for line in lines[1:]]
-        raise ConfigError("\n".join(return_lines)) from None
+        lines = format_validation_error(err, source).splitlines()[1:]
+        named = [line.replace("  - ", "  - serve.", 1) for line in lines]
+        raise ConfigError("\n".join([f"Invalid serve settings ({source}):", *named])) from None

@@ -8,7 +8,6 @@ installed but no cluster.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -120,7 +119,8 @@ def ray_server(serve_run: Path) -> Iterator[str]:
         port=port,
         max_batch=8,
         max_wait_ms=25.0,
-        max_bytes=100_000,
+        max_bytes=50_000,
+        max_pixels=80 * 80,
         ray={
             "num_cpus": 2,
             "app_name": "routerkit-test",
@@ -150,7 +150,7 @@ def test_ray_answers_as_the_one_process_backend(
 
     from routerkit.serve import ServeSettings, create_app
 
-    local = create_app(reference_model, ServeSettings(max_batch=8, max_wait_ms=25.0, max_bytes=100_000))
+    local = create_app(reference_model, ServeSettings(max_batch=8, max_wait_ms=25.0, max_bytes=50_000, max_pixels=80 * 80))
     rng = np.random.default_rng(3)
     inputs = [{"input": rng.random((1, 32, 32)).tolist()} for _ in range(4)]
     files = scans["trained"][:4] + scans["tiled"][:2]
@@ -171,9 +171,10 @@ def test_ray_answers_as_the_one_process_backend(
 
 
 @pytest.mark.ray
-def test_ray_serves_every_endpoint_and_refuses_bad_requests(ray_server: str) -> None:
+def test_ray_serves_every_endpoint_and_refuses_bad_requests(ray_server: str, scans: dict[str, list[Path]]) -> None:
     import httpx
-    from PIL import Image
+
+    from serve.test_app import _bad_cases
 
     with httpx.Client(base_url=ray_server, timeout=120) as remote:
         assert remote.get("/healthz").json()["status"] == "ok"
@@ -182,18 +183,14 @@ def test_ray_serves_every_endpoint_and_refuses_bad_requests(ray_server: str) -> 
         assert info["backend"]["name"] == "ray" and deployments["f2_large"]["num_replicas"] == 2
         assert deployments["ingress"]["models"] == ["f0_small"] and deployments["f2_large"]["units_per_call"] == 5
         assert "<html" in remote.get("/").text.lower()
-        buf = io.BytesIO()
-        Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(buf, format="PNG")
-        bad = [
-            remote.post("/v1/predict", content=b"not an image", headers={"content-type": "image/png"}),
-            remote.post("/v1/predict", json={"input": [[1.0, 2.0]]}),
-            remote.post("/v1/predict", content=b"x", headers={"content-type": "text/plain"}),
-            remote.post("/v1/predict", content=buf.getvalue(), headers={"content-type": "image/png"}),
-        ]
-        assert [r.status_code for r in bad] == [400, 400, 415, 400]
-        assert [r.json()["error"]["kind"] for r in bad] == ["undecodable", "shape", "content_type", "channels"]
-        good = remote.post("/v1/predict", json={"input": np.zeros((1, 32, 32)).tolist()})
-        assert good.status_code == 200
+        cases = _bad_cases(scans["trained"][0])
+        for name, kwargs, status, kind, expected in cases:  # the one-process server's bad requests, through Ray's proxy
+            response = remote.post("/v1/predict", **kwargs)
+            assert response.status_code == status, (name, response.text)
+            error = response.json()["error"]
+            assert error["kind"] == kind and expected in f"{error['message']} {error['expected']}", (name, error)
+            good = remote.post("/v1/predict", content=scans["trained"][1].read_bytes(), headers={"content-type": "image/png"})
+            assert good.status_code == 200, (name, good.text)  # still serving
         metrics = remote.get("/metrics").text
         assert 'routerkit_errors_total{kind="undecodable"}' in metrics
 
