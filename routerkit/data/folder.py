@@ -18,6 +18,8 @@ data set laid out as ``root/{train,val,test}/{images,masks}/`` with no Python at
 
 from __future__ import annotations
 
+import io
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -34,6 +36,7 @@ __all__ = [
     "load_folder_split",
     "load_paser_battery",
     "read_image",
+    "read_image_bytes",
 ]
 
 PASER_BATTERY_CLASSES: list[str] = ["pore", "carbon", "nickel"]
@@ -142,7 +145,20 @@ def folder_pairs(
     return [(stem, images[stem], masks[stem]) for stem in sorted(images)]
 
 
-def _png_bit_depth(path: Path) -> int | None:
+class _Blob:
+    """An image file's bytes under a name (an upload): read like a file, named like one in messages."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        self.data, self.name = data, name
+
+    def open(self, mode: str = "rb") -> io.BytesIO:
+        return io.BytesIO(self.data)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _png_bit_depth(path: Path | _Blob) -> int | None:
     """Bit depth per sample from a PNG's IHDR chunk, or ``None`` for other files."""
     with path.open("rb") as handle:
         header = handle.read(26)
@@ -151,7 +167,7 @@ def _png_bit_depth(path: Path) -> int | None:
     return header[24]
 
 
-def _source_bit_depth(path: Path, image: Image.Image) -> int | None:
+def _source_bit_depth(path: Path | _Blob, image: Image.Image) -> int | None:
     """Largest bits per sample stored in the file (PNG header or TIFF tag 258), if known."""
     tags = getattr(image, "tag_v2", None)
     if tags is not None:
@@ -163,14 +179,17 @@ def _source_bit_depth(path: Path, image: Image.Image) -> int | None:
     return _png_bit_depth(path)
 
 
-def _open(path: Path, kind: str) -> Image.Image:
+def _open(path: Path | _Blob, kind: str) -> Image.Image:
     """Open and fully decode an image file, turning Pillow's errors into one that names the file."""
     try:
-        with Image.open(path) as image:
+        with Image.open(path.open("rb") if isinstance(path, _Blob) else path) as image:
             frames = int(getattr(image, "n_frames", 1))
             image.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"Could not read {kind} file {path}: {exc}") from exc
+        text = str(exc)
+        if isinstance(path, _Blob):  # Pillow names the in-memory stream; the blob's name is already in the message
+            text = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", text)
+        raise ValueError(f"Could not read {kind} file {path}: {text}") from exc
     if frames > 1:
         raise ValueError(
             f"Expected a single-page {kind} file but {path} has {frames} pages (frames); save each page as its own file."
@@ -178,7 +197,7 @@ def _open(path: Path, kind: str) -> Image.Image:
     return image
 
 
-def _check_not_reduced(path: Path, image: Image.Image, kind: str) -> None:
+def _check_not_reduced(path: Path | _Blob, image: Image.Image, kind: str) -> None:
     """Refuse files with more than 8 bits per sample that Pillow would decode as 8-bit (16-bit RGB)."""
     if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
         return
@@ -191,7 +210,7 @@ def _check_not_reduced(path: Path, image: Image.Image, kind: str) -> None:
         )
 
 
-def _looks_16bit(path: Path, image: Image.Image, array: np.ndarray) -> bool:
+def _looks_16bit(path: Path | _Blob, image: Image.Image, array: np.ndarray) -> bool:
     """Whether a mode-"I" image came from a 16-bit file (by its header, else by its value range)."""
     bits = _source_bit_depth(path, image)
     if bits is not None:
@@ -199,7 +218,7 @@ def _looks_16bit(path: Path, image: Image.Image, array: np.ndarray) -> bool:
     return bool(array.size) and int(array.min()) >= 0 and int(array.max()) <= 65535
 
 
-def _read_image(path: Path, normalize: str) -> np.ndarray:
+def _read_image(path: Path | _Blob, normalize: str) -> np.ndarray:
     """One image as float32 ``[C, H, W]``, scaled to [0, 1] unless ``normalize == "none"``."""
     image = _open(path, "image")
     _check_not_reduced(path, image, "image")
@@ -245,6 +264,22 @@ def read_image(path: str | Path, normalize: str = "auto") -> np.ndarray:
     if normalize not in ("auto", "none"):
         raise ValueError(f"Expected normalize to be 'auto' or 'none' but got {normalize!r}.")
     return _read_image(Path(path), normalize)
+
+
+def read_image_bytes(data: bytes, name: str, normalize: str = "auto") -> np.ndarray:
+    """`read_image` of a file's bytes held in memory (an upload), with ``name`` standing for the file in messages.
+
+    Args:
+        data: The encoded image (PNG, TIFF, JPEG).
+        name: What messages call it.
+        normalize: As `read_image`.
+
+    Raises:
+        ValueError: As `read_image`; the message names ``name``.
+    """
+    if normalize not in ("auto", "none"):
+        raise ValueError(f"Expected normalize to be 'auto' or 'none' but got {normalize!r}.")
+    return _read_image(_Blob(data, name), normalize)
 
 
 def _read_mask(path: Path) -> np.ndarray:

@@ -174,37 +174,38 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def _decode_file(data: bytes, suffix: str, model: RoutedModel, what: str) -> Tensor:
-    """Image (or ``.npy``) bytes as a model input, read exactly as `routerkit.deploy.inputs.read_file` reads a file."""
-    from routerkit.data.folder import read_image
+    """Image (or ``.npy``) bytes as a model input, read exactly as `routerkit.deploy.inputs.read_file` reads a file.
+
+    Images are decoded from memory; a ``.npy`` body goes through a temporary file (``np.load`` of
+    a file without pickles, as ``routerkit predict`` reads one).
+    """
+    from routerkit.data.folder import read_image_bytes
 
     spec = model.spec
-    with tempfile.TemporaryDirectory(prefix="routerkit-serve-") as folder:
-        path = Path(folder) / f"upload{suffix}"
-        path.write_bytes(data)
-
-        def named(err: Exception) -> str:
-            text = str(err).replace(f"Could not read image file {path}: ", "").replace(f"Input file {path}", what)
-            return text.replace(f" '{path}'", "").replace(f"file {path}", what).replace(str(path), what)
-
-        if suffix == ".npy":
+    if suffix == ".npy":
+        with tempfile.TemporaryDirectory(prefix="routerkit-serve-") as folder:
+            path = Path(folder) / f"upload{suffix}"
+            path.write_bytes(data)
             try:
                 return read_file(path, spec)
             except ValueError as err:
-                raise RequestError(400, "undecodable", named(err), "a .npy array saved without pickles") from None
-        try:
-            pixels = read_image(path, spec.file_format.scale)
-        except ValueError as err:
-            raise RequestError(
-                400,
-                "undecodable",
-                f"Could not decode {what} as a {suffix[1:].upper()} image: {named(err)}.",
-                f"a PNG, TIFF or JPEG image, 8 or 16-bit, of {spec.channels} channel(s)",
-            ) from None
-        try:
-            pixels = _channels(pixels, spec, what)
-        except ValueError as err:
-            raise RequestError(400, "channels", named(err), f"{spec.channels} channel(s)") from None
-        return _standardise(pixels, spec)
+                text = str(err).replace(f"Input file {path}", what).replace(f"file {path}", what).replace(str(path), what)
+                raise RequestError(400, "undecodable", text, "a .npy array saved without pickles") from None
+    try:
+        pixels = read_image_bytes(data, what, spec.file_format.scale)
+    except ValueError as err:
+        text = str(err).replace(f"Could not read image file {what}: ", "").replace(f" {what}", "").replace(f"file {what}", what)
+        raise RequestError(
+            400,
+            "undecodable",
+            f"Could not decode {what} as a {suffix[1:].upper()} image: {text}.",
+            f"a PNG, TIFF or JPEG image, 8 or 16-bit, of {spec.channels} channel(s)",
+        ) from None
+    try:
+        pixels = _channels(pixels, spec, what)
+    except ValueError as err:
+        raise RequestError(400, "channels", str(err), f"{spec.channels} channel(s)") from None
+    return _standardise(pixels, spec)
 
 
 def _decode_json(body: bytes, model: RoutedModel) -> Tensor:
