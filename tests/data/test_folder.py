@@ -387,3 +387,17 @@ def test_bad_arguments(tmp_path: Path) -> None:
         load_folder_split(tmp_path / "img", tmp_path / "msk", {})
     with pytest.raises(ValueError, match="split"):
         load_paser_battery(tmp_path, splits=())
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_image_bytes_read_as_the_file_is_read_and_bad_bytes_are_named(tmp_path: Path, dtype: type) -> None:
+    from routerkit.data.folder import read_image, read_image_bytes
+
+    pixels = np.random.default_rng(0).integers(0, np.iinfo(dtype).max, (9, 7), dtype=dtype)
+    path = tmp_path / "scan.png"
+    Image.fromarray(pixels).save(path)
+    assert np.array_equal(read_image_bytes(path.read_bytes(), "upload"), read_image(path))
+    for data in (b"not an image", path.read_bytes()[:60]):
+        with pytest.raises(ValueError, match=r"Could not read image file upload: ") as err:
+            read_image_bytes(data, "upload")
+        assert "BytesIO" not in str(err.value)
