@@ -553,8 +553,9 @@ def serve(
         cfg: ServeConfig = trusted_run_config(run_dir, trust_remote_code).serve
         if config is not None:
             cfg = load_serve_config(config, cfg)
+        cfg = merge_serve_config(cfg, {}, "--set", setting or [])
         given = {k: v for k, v in flags.items() if v is not None}
-        cfg = merge_serve_config(cfg, given, "the command line", setting or [])
+        cfg = merge_serve_config(cfg, given, "the command line")  # the flags win over -s
     except ConfigError as err:
         _fail(str(err))
     if cfg.backend == "ray":
@@ -618,6 +619,8 @@ def _serve_ray(run_dir: Path, cfg: Any, checkpoint: str | None, trust: bool) -> 
         )
     except ConfigError as err:
         _fail(str(err))
+    except (ValueError, RuntimeError, ConnectionError) as err:  # Ray's own: a cluster not reached, a deployment that failed
+        _fail(f"Ray Serve could not serve {run_dir}: {type(err).__name__}: {err}")
 
 
 def _replicas(settings: Any) -> str:

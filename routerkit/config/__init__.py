@@ -46,7 +46,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 continue
             if not isinstance(node, dict):
                 raise ConfigError(f"Override {item!r}: {key!r} is not a section.")
-            node = node.setdefault(key, {})
+            if node.get(key) is None:  # an optional section left at null (e.g. serve.ray.ingress.autoscaling)
+                node[key] = {}
+            node = node[key]
         try:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError as err:
@@ -225,5 +227,5 @@ def merge_serve_config(
         return ServeConfig.model_validate(raw)
     except ValidationError as err:
         lines = format_validation_error(err, source).splitlines()[1:]
-        named = [line.replace("  - ", "  - serve.", 1) for line in lines]
+        named = [line if line.startswith("  - serve.") else line.replace("  - ", "  - serve.", 1) for line in lines]
         raise ConfigError("\n".join([f"Invalid serve settings ({source}):", *named])) from None

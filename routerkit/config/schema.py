@@ -463,6 +463,16 @@ class ServeConfig(_Section):
     threads: Int | None = Field(None, ge=1, description="torch CPU threads of the one-process server (None: torch's).")
     ray: RayServeConfig = Field(default_factory=RayServeConfig)
 
+    @model_validator(mode="after")
+    def _ingress_fits_a_batch(self) -> ServeConfig:
+        if self.backend == "ray" and self.ray.ingress.max_ongoing_requests < self.max_batch:
+            raise field_error(
+                "serve.ray.ingress.max_ongoing_requests",
+                f"serve.ray.ingress.max_ongoing_requests ({self.ray.ingress.max_ongoing_requests}) must be >= max_batch "
+                f"({self.max_batch}): a replica that takes fewer requests at once can never fill a batch.",
+            )
+        return self
+
 
 class ExperimentConfig(_Section):
     """A whole experiment: ``routerkit train`` reads one of these from YAML."""

@@ -17,12 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from routerkit._io import atomic_write_json
+from routerkit._io import atomic_write_bytes, atomic_write_json
 
 __all__ = ["WeightsExport", "export_weights"]
 
@@ -90,33 +89,37 @@ def export_weights(
         FileExistsError: A file to write exists and ``overwrite`` is false.
         ImportError: ``safetensors`` is not installed.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
+    from routerkit.config import ConfigError
     from routerkit.training.run_dir import load_routing
 
     path = Path(run_dir)
     parts = load_routing(path, checkpoint, trust_remote_code, "cpu")
     out_dir = Path(out) if out is not None else path / "export" / "safetensors"
     names = list(parts.zoo.names)
+    for name in names:
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise ConfigError(f"Model name {name!r} of {path} cannot name a file: expected a name without '/' or '..'.")
     targets = [out_dir / f"{name}.safetensors" for name in names] + [out_dir / "zoo.json"]
     existing = [t for t in targets if t.exists()]
     if existing and not overwrite:
         listed = ", ".join(str(t) for t in existing[:3]) + (" ..." if len(existing) > 3 else "")
         raise FileExistsError(f"Refusing to overwrite {listed}: pass overwrite=True (--overwrite) or another folder.")
     out_dir.mkdir(parents=True, exist_ok=True)
+    index_file = out_dir / "zoo.json"
+    if index_file.exists():  # first, so that an interrupted export leaves no index vouching for files it did not write
+        index_file.unlink()
+    mode = 0o666 & ~_umask()
+    scored = Path(parts.checkpoint).stem == "final"  # metrics/*.json describe the final weights
     entries = []
     for i, name in enumerate(names):
         model = parts.zoo[i]
-        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        # cloned: tensors that share storage (tied weights) are refused by safetensors
+        tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
         target = out_dir / f"{name}.safetensors"
-        handle, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
-        os.close(handle)
-        try:
-            save_file(tensors, tmp, metadata={"routerkit_model": name})
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write_bytes(target, save(tensors, metadata={"routerkit_model": name}))
+        os.chmod(target, mode)
         spec = parts.config.zoo.models[i]
         entry: dict[str, Any] = {
             "name": name,
@@ -126,7 +129,7 @@ def export_weights(
             "num_parameters": int(sum(p.numel() for p in model.parameters())),
             "sha256": _sha256(target),
         }
-        for split in ("val", "test"):
+        for split in ("val", "test") if scored else ():
             scores = _scores(path, split, name)
             if scores is not None:
                 entry[split] = scores
@@ -135,5 +138,12 @@ def export_weights(
         "source": {"run_dir": str(path.resolve()), "checkpoint": Path(parts.checkpoint).stem, "seed": parts.config.run.seed},
         "models": entries,
     }
-    atomic_write_json(out_dir / "zoo.json", index)
+    atomic_write_json(index_file, index)  # last: its presence says the set is complete
+    os.chmod(index_file, mode)
     return WeightsExport(out_dir, targets, index)
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current

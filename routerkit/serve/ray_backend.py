@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Callable
@@ -54,6 +55,7 @@ __all__ = [
     "RemoteModel",
     "RoutedIngress",
     "build_ray_app",
+    "check_resources",
     "deployment_options",
     "model_settings",
     "start_ray_server",
@@ -104,21 +106,27 @@ class RemoteModel(nn.Module):
     def __init__(self, handle: Any, name: str, units_per_call: int | None = None, timeout_s: float = 120.0) -> None:
         super().__init__()
         self.handle, self.name, self.units_per_call, self.timeout_s = handle, name, units_per_call, timeout_s
+        #: Calls sent and units they carried (`RoutedIngress.remote_calls`).
+        self.calls = 0
+        self.units = 0
 
     def forward(self, units: Tensor) -> Tensor:
         chunks = units.split(self.units_per_call) if self.units_per_call else (units,)
         try:
-            responses = [self.handle.remote(chunk.detach().cpu().contiguous()) for chunk in chunks]  # all sent at once
+            # each chunk cloned: a view would be pickled with its whole base buffer; all sent before any is awaited
+            responses = [self.handle.remote(chunk.detach().cpu().clone()) for chunk in chunks]
             outs = [response.result(timeout_s=self.timeout_s) for response in responses]
         except Exception as err:
             raise RuntimeError(f"model deployment {self.name!r} failed: {type(err).__name__}: {err}") from err
+        self.calls += len(chunks)
+        self.units += int(units.shape[0])
         return torch.cat(outs).to(units.device)
 
 
-def _load(run_dir: str, checkpoint: str | None, mask_seed: int, trust: bool) -> Any:
+def _load(run_dir: str, checkpoint: str | None, mask_seed: int, trust: bool, device: str = "cpu") -> Any:
     from routerkit.deploy import load
 
-    return load(run_dir, checkpoint, trust_remote_code=trust, mask_seed=mask_seed, device="cpu")
+    return load(run_dir, checkpoint, trust_remote_code=trust, mask_seed=mask_seed, device=device)
 
 
 class ModelReplica:
@@ -149,15 +157,19 @@ class ModelReplica:
         self.forward.set_max_batch_size(cfg.max_batch)  # type: ignore[attr-defined]  # serve.batch's setters
         self.forward.set_batch_wait_timeout_s(cfg.batch_wait_ms / 1000.0)  # type: ignore[attr-defined]
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
-    async def forward(self, groups: list[Tensor]) -> list[Tensor]:
-        """Logits of every group of units, in one forward of their concatenation."""
+    def _run(self, groups: list[Tensor]) -> list[Tensor]:
         sizes = [int(g.shape[0]) for g in groups]
         with torch.inference_mode():
             out = self.model(torch.cat(groups).to(self.device)).float().cpu()
+        return [part.clone() for part in out.split(sizes)]  # a view would be pickled with the whole batch's logits
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
+    async def forward(self, groups: list[Tensor]) -> list[Tensor]:
+        """Logits of every group of units, in one forward of their concatenation (in a thread: the loop keeps batching)."""
+        outs = await asyncio.to_thread(self._run, groups)
         self.calls += len(groups)
         self.batches += 1
-        return list(out.split(sizes))
+        return outs
 
     async def __call__(self, units: Tensor) -> Tensor:
         result: Tensor = await self.forward(units)
@@ -185,7 +197,9 @@ class RoutedIngress:
 
         cfg = ServeConfig(**serve_cfg)
         torch.set_num_threads(_threads(cfg.ray.ingress.num_cpus))
-        model = _load(run_dir, checkpoint, cfg.mask_seed, trust)
+        device = "cuda" if cfg.ray.ingress.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        model = _load(run_dir, checkpoint, cfg.mask_seed, trust, device)
+        self._remote: list[RemoteModel] = []
         names = model.model_names
         if len(handles) != len(names) - 1:
             raise ValueError(f"Expected one deployment handle per costlier model ({len(names) - 1}) but got {len(handles)}.")
@@ -198,7 +212,13 @@ class RoutedIngress:
         source = {"run_dir": run_dir, "checkpoint": checkpoint}
         self._routed_app = create_app(model, settings, source, backend=backend)  # `app` is Ray's property
         for i, handle in enumerate(handles, start=1):
-            model.zoo.members[i] = RemoteModel(handle, names[i], model_settings(cfg, names[i]).units_per_call)
+            remote = RemoteModel(handle, names[i], model_settings(cfg, names[i]).units_per_call)
+            model.zoo.members[i] = remote
+            self._remote.append(remote)
+
+    def remote_calls(self) -> dict[str, dict[str, int]]:
+        """Per costlier model, the calls this replica sent to its deployment and the units they carried."""
+        return {r.name: {"calls": r.calls, "units": r.units} for r in self._remote}
 
     def __serve_build_asgi_app__(self) -> Any:
         return self._routed_app
@@ -242,9 +262,50 @@ def _build(run_dir: str | Path, cfg: ServeConfig, checkpoint: str | None, trust_
     for i in range(1, len(names)):
         settings = model_settings(cfg, names[i])
         deployment = serve.deployment(name=names[i], **deployment_options(settings))(ModelReplica)
-        handles.append(deployment.bind(path, checkpoint, i, cfg.mask_seed, trust_remote_code, settings.model_dump()))
-    ingress = serve.deployment(name="ingress", **deployment_options(cfg.ray.ingress))(RoutedIngress)
-    return ingress.bind(path, checkpoint, cfg.model_dump(), trust_remote_code, *handles), names
+        # the trust check ran above, in this process; a replica on another node has no record of it
+        handles.append(deployment.bind(path, checkpoint, i, cfg.mask_seed, True, settings.model_dump()))
+    ingress_options = deployment_options(cfg.ray.ingress)
+    ingress_options["max_queued_requests"] = cfg.max_queue  # beyond: Ray's proxy answers 503, as the one-process server
+    ingress = serve.deployment(name="ingress", **ingress_options)(RoutedIngress)
+    return ingress.bind(path, checkpoint, cfg.model_dump(), True, *handles), names
+
+
+def _replicas_at_start(cfg: RayDeploymentConfig) -> int:
+    return max(cfg.autoscaling.min_replicas, 1) if cfg.autoscaling is not None else cfg.num_replicas
+
+
+def check_resources(cfg: ServeConfig, names: list[str], available: dict[str, float]) -> None:
+    """Refuse deployments whose starting replicas need more CPUs or GPUs than the cluster has (Ray would wait forever).
+
+    Args:
+        cfg: The serve settings.
+        names: The zoo's model names (``f_0`` first).
+        available: ``ray.cluster_resources()``.
+
+    Raises:
+        ConfigError: The settings ask for more than ``available``; the message names the fields and the totals.
+    """
+    from routerkit.config import ConfigError
+
+    parts = [("serve.ray.ingress", cfg.ray.ingress)]
+    parts += [
+        (f"serve.ray.models.{n}" if n in cfg.ray.models else "serve.ray.model_defaults", model_settings(cfg, n))
+        for n in names[1:]
+    ]
+    labels = ["ingress", *names[1:]]
+    for resource, key in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
+        need = [
+            (field, label, _replicas_at_start(d), float(getattr(d, key))) for (field, d), label in zip(parts, labels, strict=True)
+        ]
+        total = sum(r * each for _, _, r, each in need)
+        have = float(available.get(resource, 0.0))
+        if total > have + 1e-9:
+            listed = ", ".join(f"{label} {r} x {each:g}" for _, label, r, each in need if each > 0)
+            fields = sorted({f"{field}.{key}" for field, _, _, each in need if each > 0})
+            raise ConfigError(
+                f"{', '.join(fields)}: the deployments' starting replicas need {total:g} {resource}s ({listed}) but the Ray "
+                f"cluster has {have:g}; lower them, or add {resource}s to the cluster (serve.ray.num_cpus for a local one)."
+            )
 
 
 def start_ray_server(
@@ -276,12 +337,14 @@ def start_ray_server(
         # Serve's HTTP proxy must report ready within 5 s by default, which a busy 2-core machine misses while it
         # imports; a local cluster's actors inherit this process's environment.
         os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", str(PROXY_READY_TIMEOUT_S))
+        local = cfg.ray.address is None
         ray.init(
-            address=cfg.ray.address,
-            num_cpus=cfg.ray.num_cpus if cfg.ray.address is None else None,
+            address="local" if local else cfg.ray.address,  # "local": a new cluster, even where RAY_ADDRESS is set
+            num_cpus=cfg.ray.num_cpus if local else None,
             include_dashboard=False,
-            log_to_driver=False,
+            log_to_driver=True,  # a replica that fails to start says why
         )
+    check_resources(cfg, names, ray.cluster_resources())
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     handle = serve.run(app, name=cfg.ray.app_name, route_prefix="/")
     if on_ready is not None:

@@ -78,3 +78,31 @@ def test_bad_format_and_not_a_run_are_named(tmp_path: Path) -> None:
     assert result.exit_code != 0 and "'onnx' or 'safetensors'" in " ".join(result.output.split())
     result = CliRunner().invoke(app, ["export", str(tmp_path), "--format", "safetensors"])
     assert result.exit_code != 0 and "is not a run directory" in " ".join(result.output.split())
+
+
+def test_an_interrupted_overwrite_leaves_no_index_vouching_for_the_files(
+    run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    import routerkit.deploy.weights as weights
+
+    export_weights(run, tmp_path / "w")
+    mode = (tmp_path / "w" / "zoo.json").stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask  # shareable files, not mkstemp's 0600
+    calls = {"n": 0}
+    original = weights.atomic_write_bytes
+
+    def crash_on_second(path: Path, data: bytes) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full")
+        original(path, data)
+
+    monkeypatch.setattr(weights, "atomic_write_bytes", crash_on_second)
+    with pytest.raises(OSError, match="disk full"):
+        export_weights(run, tmp_path / "w", overwrite=True)
+    assert not (tmp_path / "w" / "zoo.json").exists()
+    assert not list((tmp_path / "w").glob(".*.tmp"))

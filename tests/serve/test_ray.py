@@ -81,6 +81,18 @@ def test_deployment_options_map_replicas_autoscaling_and_resources() -> None:
     assert model_settings(cfg, "f2_large").num_replicas == 2 and model_settings(cfg, "f1_medium").num_cpus == 0.25
 
 
+def test_deployments_that_cannot_fit_the_cluster_are_refused_naming_the_fields() -> None:
+    from routerkit.serve.ray_backend import check_resources
+
+    names = ["f0_small", "f1_medium", "f2_large"]
+    fits = ServeConfig(ray={"models": {"f2_large": {"num_replicas": 2}}})  # 0.5 + 0.5 + 2 x 0.5 CPUs
+    check_resources(fits, names, {"CPU": 2.0})
+    with pytest.raises(ConfigError, match=r"serve\.ray\.models\.f2_large\.num_gpus: .* need 1 GPUs .* has 0"):
+        check_resources(ServeConfig(ray={"models": {"f2_large": {"num_gpus": 1}}}), names, {"CPU": 2.0})
+    with pytest.raises(ConfigError, match=r"need 2\.5 CPUs \(ingress 1 x 0\.5, f1_medium 1 x 0\.5, f2_large 3 x 0\.5\)"):
+        check_resources(ServeConfig(ray={"models": {"f2_large": {"num_replicas": 3}}}), names, {"CPU": 2.0})
+
+
 def test_a_model_name_the_run_does_not_have_is_refused_before_deploying(serve_run: Path) -> None:
     cfg = ServeConfig(ray={"models": {"f9_huge": {}}})
     with pytest.raises(ConfigError, match=r"serve\.ray\.models\.f9_huge: expected the name of a costlier model"):
@@ -154,6 +166,11 @@ def test_ray_answers_as_the_one_process_backend(
     rng = np.random.default_rng(3)
     inputs = [{"input": rng.random((1, 32, 32)).tolist()} for _ in range(4)]
     files = scans["trained"][:4] + scans["tiled"][:2]
+    from ray import serve
+
+    ingress = serve.get_deployment_handle("ingress", app_name="routerkit-test")
+    before = ingress.remote_calls.remote().result(timeout_s=60)
+    routed = {"f1_medium": 0, "f2_large": 0}
     with TestClient(local) as client, httpx.Client(base_url=ray_server, timeout=120) as remote:
         routed_past_f0 = 0
         for body in inputs:
@@ -161,13 +178,22 @@ def test_ray_answers_as_the_one_process_backend(
             assert b["actions"] == a["actions"] and b["mask"] == a["mask"]
             assert b["gflops"] == pytest.approx(a["gflops"]) and b["gflops_largest"] == pytest.approx(a["gflops_largest"])
             routed_past_f0 += sum(x > 0 for x in a["actions"])
+            for name in routed:
+                routed[name] += a["action_names"].count(name)
         for path in files:
             headers = {"content-type": "image/png"}
             a = client.post("/v1/predict", content=_png(path), headers=headers).json()
             b = remote.post("/v1/predict", content=_png(path), headers=headers).json()
             assert b["actions"] == a["actions"] and b["mask"] == a["mask"] and b["windows"] == a["windows"]
             routed_past_f0 += sum(x > 0 for x in a["actions"])
+            for name in routed:
+                routed[name] += a["action_names"].count(name)
         assert routed_past_f0 > 0, "the comparison must cover units the costlier deployments answered"
+    after = ingress.remote_calls.remote().result(timeout_s=60)
+    for name, units in routed.items():  # every unit routed past f_0 went to its model's deployment, none ran in the ingress
+        assert after[name]["units"] - before[name]["units"] == units, name
+    f2_calls, f2_units = (after["f2_large"][k] - before["f2_large"][k] for k in ("calls", "units"))
+    assert f2_units == 0 or f2_calls >= -(-f2_units // 5)  # units_per_call 5: larger groups were cut
 
 
 @pytest.mark.ray
@@ -200,7 +226,7 @@ def test_each_costlier_model_runs_in_its_own_deployment(ray_server: str) -> None
     from ray import serve
 
     stats = serve.get_deployment_handle("f2_large", app_name="routerkit-test").stats.remote().result(timeout_s=60)
-    assert stats["model"] == "f2_large" and stats["device"] == "cpu"
+    assert stats["model"] == "f2_large" and stats["device"] == "cpu" and stats["batches"] <= stats["calls"]
     status = serve.status().applications["routerkit-test"]
     assert set(status.deployments) == {"ingress", "f1_medium", "f2_large"}
     assert status.deployments["f2_large"].replica_states.get("RUNNING") == 2

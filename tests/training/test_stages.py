@@ -116,7 +116,15 @@ def test_bf16_channels_last_pretraining_learns_and_keeps_float32_weights() -> No
     stage, pipe = _classifier_stage(settings)
     conv = pipe.zoo[1].stem[0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last)
+    seen: list[tuple[bool, torch.dtype]] = []
+
+    def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if module.training:  # the training forward, not the validation / batch-norm passes
+            seen.append((inputs[0].is_contiguous(memory_format=torch.channels_last), output.dtype))
+
+    pipe.zoo[1].stem[0].register_forward_hook(hook)
     losses = [stage.train_epoch(e)["losses/ce_f1"] for e in range(6)]
+    assert seen and all(seen_cl and dtype == torch.bfloat16 for seen_cl, dtype in seen)  # channels-last batches, bf16 convs
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
     assert all(p.dtype == torch.float32 for p in pipe.zoo.parameters())
 
