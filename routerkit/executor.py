@@ -2,7 +2,9 @@
 
 The executor is the only place that runs the costlier models. It groups units by the model
 chosen for them, runs each model **once** on its stacked units and scatters the outputs back
-(the only Python loop is over the m models); it runs cascades stage by stage (`run_cascade`),
+(the only Python loop is over the m models; a model with a ``submit(units)`` method returning a
+callable that gives its outputs, such as `routerkit.serve.ray_backend.RemoteModel`, gets its
+units before any model runs, so remote models work in parallel); it runs cascades stage by stage (`run_cascade`),
 asking the router which units stop; and it scores the whole zoo on a batch (`all_unit_probs`)
 for the replay table and the oracle.
 """
@@ -10,7 +12,9 @@ for the replay table and the oracle.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -72,11 +76,17 @@ class Executor:
             raise ValueError("Some units chose f_0 but no base-model output was given.")
         out: Tensor | None = None if base_unit_probs is None else base_unit_probs.clone()
         logits: dict[int, tuple[Tensor, Tensor]] = {}
-        for index in range(1, len(self.zoo)):
-            idx = torch.nonzero(flat == index, as_tuple=True)[0]
-            if idx.numel() == 0:
-                continue
-            z = self.forward(self.zoo[index], units[idx])
+        groups = [(i, torch.nonzero(flat == i, as_tuple=True)[0]) for i in range(1, len(self.zoo))]
+        groups = [(i, idx) for i, idx in groups if idx.numel() > 0]
+        # models served elsewhere (`submit`, e.g. Ray Serve deployments) get their units first, so that they run
+        # at the same time as each other and as the local models
+        pending: dict[int, Callable[[], Tensor]] = {}
+        for i, idx in groups:
+            submit: Any = getattr(self.zoo[i], "submit", None)
+            if callable(submit):
+                pending[i] = submit(units[idx])
+        for index, idx in groups:
+            z = self.partitioner.crop(pending[index]()) if index in pending else self.forward(self.zoo[index], units[idx])
             logits[index] = (idx, z)
             probs = torch.softmax(z.detach().float(), dim=1)
             if out is None:

@@ -110,17 +110,29 @@ class RemoteModel(nn.Module):
         self.calls = 0
         self.units = 0
 
-    def forward(self, units: Tensor) -> Tensor:
+    def submit(self, units: Tensor) -> Callable[[], Tensor]:
+        """Send the units now; the returned callable waits for their logits (`routerkit.executor.Executor.run`
+        submits every remote model's units before it waits for any)."""
         chunks = units.split(self.units_per_call) if self.units_per_call else (units,)
         try:
             # each chunk cloned: a view would be pickled with its whole base buffer; all sent before any is awaited
             responses = [self.handle.remote(chunk.detach().cpu().clone()) for chunk in chunks]
-            outs = [response.result(timeout_s=self.timeout_s) for response in responses]
         except Exception as err:
             raise RuntimeError(f"model deployment {self.name!r} failed: {type(err).__name__}: {err}") from err
         self.calls += len(chunks)
         self.units += int(units.shape[0])
-        return torch.cat(outs).to(units.device)
+
+        def result() -> Tensor:
+            try:
+                outs = [response.result(timeout_s=self.timeout_s) for response in responses]
+            except Exception as err:
+                raise RuntimeError(f"model deployment {self.name!r} failed: {type(err).__name__}: {err}") from err
+            return torch.cat(outs).to(units.device)
+
+        return result
+
+    def forward(self, units: Tensor) -> Tensor:
+        return self.submit(units)()
 
 
 def _load(run_dir: str, checkpoint: str | None, mask_seed: int, trust: bool, device: str = "cpu") -> Any:

@@ -57,6 +57,41 @@ def test_remote_model_cuts_units_into_calls_and_keeps_their_order() -> None:
     assert RemoteModel(_Handle(model), "f2")(units).shape == (12, 3, 8, 8)
 
 
+def test_the_executor_sends_every_remote_model_its_units_before_waiting_for_any() -> None:
+    from routerkit.executor import Executor
+    from routerkit.models import Zoo
+    from routerkit.partitioners import WholeInput
+
+    events: list[str] = []
+
+    class Logged(_Handle):
+        def __init__(self, model: torch.nn.Module, name: str) -> None:
+            super().__init__(model)
+            self.name = name
+
+        def remote(self, units: torch.Tensor) -> _Response:
+            events.append(f"send {self.name}")
+            outer = self
+
+            class Late(_Response):
+                def result(self, timeout_s: float | None = None) -> torch.Tensor:
+                    events.append(f"wait {outer.name}")
+                    return self.value
+
+            return Late(self.model(units))
+
+    torch.manual_seed(0)
+    nn = torch.nn
+    local = [nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten()) for _ in range(3)]
+    zoo = Zoo([local[0], RemoteModel(Logged(local[1], "f1"), "f1"), RemoteModel(Logged(local[2], "f2"), "f2")])
+    units = torch.randn(6, 1, 8, 8)
+    actions = torch.tensor([[1], [2], [1], [2], [2], [1]])
+    out = Executor(zoo, WholeInput()).run(units, actions, None)
+    assert events == ["send f1", "send f2", "wait f1", "wait f2"]
+    expected = torch.stack([torch.softmax(local[int(a)](units[i : i + 1]), 1)[0] for i, a in enumerate(actions.flatten())])
+    assert torch.allclose(out.unit_probs, expected, atol=1e-6)
+
+
 def test_a_failing_deployment_is_named() -> None:
     class Broken:
         def remote(self, units: torch.Tensor) -> Any:
