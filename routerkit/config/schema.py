@@ -444,7 +444,9 @@ class RayServeConfig(_Section):
         default_factory=RayModelConfig, description="Settings of every costlier model not listed in models."
     )
     models: dict[str, RayModelConfig] = Field(
-        default_factory=dict, description="Per costlier model (by zoo name), replacing model_defaults for it."
+        default_factory=dict,
+        description="Per costlier model (by zoo name), replacing model_defaults for it; a name the served run does not "
+        "have is an error when serving (a serve file may be written for several runs).",
     )
 
 
@@ -520,14 +522,6 @@ class ExperimentConfig(_Section):
                 f"training.finetune.lam_end ({self.training.finetune.lam_end}) must be >= reward.lam ({self.reward.lam}): "
                 "the fine-tuning schedule raises lambda.",
             )
-        costlier = [m.name for m in self.zoo.models[1:]]
-        for name in self.serve.ray.models:
-            if name not in costlier:
-                raise field_error(
-                    f"serve.ray.models.{name}",
-                    f"Expected the name of a costlier model of the zoo ({', '.join(costlier) or 'none'}; f_0 runs in the "
-                    f"ingress: serve.ray.ingress) but got {name!r}.",
-                )
         for stage in ("policy", "finetune"):
             s = getattr(self.training, stage)
             if s.alpha_end < s.alpha_start:
