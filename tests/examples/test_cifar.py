@@ -406,3 +406,43 @@ def test_tiny_overrides_fixture(tmp_path: Path) -> None:
         params["source"], params["root"], int(params["num_train"]), int(params["num_val"]), int(params["num_test"])
     )
     assert len(bundle.train) == 40 and len(bundle.val) == 20 and len(bundle.test) == 20
+
+
+# ---------------------------------------------------------------- the shipped zoo (examples/cifar_plugin/weights)
+
+WEIGHTS = Path(__file__).resolve().parents[2] / "examples" / "cifar_plugin" / "weights"
+
+
+def test_shipped_zoo_files_match_their_index_and_load_into_the_models_of_cifar_yaml() -> None:
+    import hashlib
+    import json
+
+    from routerkit.config import load_config
+    from routerkit.config.build import build_zoo
+
+    index = json.loads((WEIGHTS / "zoo.json").read_text())
+    for entry in index["models"]:
+        assert hashlib.sha256((WEIGHTS / entry["file"]).read_bytes()).hexdigest() == entry["sha256"], entry["file"]
+    cfg = load_config(WEIGHTS.parents[1] / "cifar.yaml")
+    assert [m.name for m in cfg.zoo.models] == [e["name"] for e in index["models"]]
+    zoo = build_zoo(cfg, in_channels=3, num_classes=K)  # loads every file (an error names a mismatch)
+    assert [sum(p.numel() for p in m.parameters()) for m in zoo] == [e["num_parameters"] for e in index["models"]]
+
+
+@pytest.mark.skipif(REAL is None, reason="set ROUTERKIT_DATA to a folder with cifar10/ to read the real copy")
+def test_shipped_zoo_is_a_ladder_on_held_out_test_images() -> None:
+    import json
+
+    from routerkit.config import load_config
+    from routerkit.config.build import build_zoo
+
+    assert REAL is not None
+    bundle = build_data("auto", str(REAL), num_train=10, num_val=10, num_test=1000)
+    zoo = build_zoo(load_config(WEIGHTS.parents[1] / "cifar.yaml"), in_channels=3, num_classes=K).eval()
+    with torch.inference_mode():
+        accuracy = [float((m(bundle.test.images).argmax(1) == bundle.test.targets).double().mean()) for m in zoo]
+    recorded = [e["test"]["accuracy"] for e in json.loads((WEIGHTS / "zoo.json").read_text())["models"]]
+    # 1,000 of the 10,000 test images the index scored: within sampling noise (3 standard errors) of it
+    for got, full in zip(accuracy, recorded, strict=True):
+        assert abs(got - full) < 3 * (full * (1 - full) / 1000) ** 0.5 + 1e-3, (accuracy, recorded)
+    assert accuracy[0] + 0.03 < accuracy[1] and accuracy[0] + 0.03 < accuracy[2]  # ResNet-8 well below the others
