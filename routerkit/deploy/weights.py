@@ -41,14 +41,6 @@ class WeightsExport:
     index: dict[str, Any]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _scores(run_dir: Path, split: str, name: str) -> dict[str, float] | None:
     """The run's recorded mean IoU and accuracy of ``name`` alone on ``split`` (``None`` when not recorded)."""
     file = run_dir / "metrics" / f"{split}.json"
@@ -118,7 +110,8 @@ def export_weights(
         # cloned: tensors that share storage (tied weights) are refused by safetensors
         tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
         target = out_dir / f"{name}.safetensors"
-        atomic_write_bytes(target, save(tensors, metadata={"routerkit_model": name}))
+        data = save(tensors, metadata={"routerkit_model": name})
+        atomic_write_bytes(target, data)
         os.chmod(target, mode)
         spec = parts.config.zoo.models[i]
         entry: dict[str, Any] = {
@@ -127,7 +120,7 @@ def export_weights(
             "model": spec.model,
             "params": spec.params,
             "num_parameters": int(sum(p.numel() for p in model.parameters())),
-            "sha256": _sha256(target),
+            "sha256": hashlib.sha256(data).hexdigest(),  # of the bytes written
         }
         for split in ("val", "test") if scored else ():
             scores = _scores(path, split, name)

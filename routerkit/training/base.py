@@ -54,11 +54,8 @@ class Stage:
             raise ValueError(f"Expected epochs >= 0, batch_size >= 1 and lr > 0 for stage {self.name!r} but got {settings}.")
         if settings.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"Expected lr_schedule in {LR_SCHEDULES} for stage {self.name!r} but got {settings.lr_schedule!r}.")
-        if settings.optimizer not in OPTIMIZERS or settings.precision not in PRECISIONS:
-            raise ValueError(
-                f"Expected optimizer in {OPTIMIZERS} and precision in {PRECISIONS} for stage {self.name!r} but got "
-                f"{settings.optimizer!r} and {settings.precision!r}."
-            )
+        check_choice(f"stage {self.name!r}'s optimizer", settings.optimizer, OPTIMIZERS)
+        check_choice(f"stage {self.name!r}'s precision", settings.precision, PRECISIONS)
         self.settings = settings
         self.generator = torch.Generator().manual_seed(seed)
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
