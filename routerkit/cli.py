@@ -82,14 +82,28 @@ def train(
     overwrite: Annotated[
         bool, typer.Option(help="Start again in a --run-dir that already holds a run (deletes its checkpoints and metrics).")
     ] = False,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Processes to train in on this machine (torch.distributed: DDP, each global batch split across them; "
+            "gloo on the CPU, one GPU each with nccl). 1: this process.",
+        ),
+    ] = 1,
 ) -> None:
     """Train every stage of the experiment (PaSeR's Algorithm 1), then print the test table.
 
     Writes a run directory with the resolved config, atomic safetensors checkpoints after every
     epoch, a training log and metrics/<split>.json|csv. The run directory is locked while it trains.
+    With --nproc N (or under `torchrun --nproc-per-node N -m routerkit train ...`) every stage runs
+    in N processes; rank 0 writes the run.
     """
     from routerkit.config import ConfigError
     from routerkit.training.runner import train as run_train
+
+    if nproc > 1:
+        _launch_distributed(nproc)
+        return
 
     if resume is not None:
         extra = {"CONFIG": config is not None, "-s/--set": bool(overrides), "--run-dir": run_dir is not None}
@@ -119,7 +133,31 @@ def train(
     except (ConfigError, FileNotFoundError) as err:
         _fail(str(err))
         return
-    console.print(f"Run directory: [cyan]{path}[/cyan]  (re-evaluate with: routerkit evaluate {path})")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 reports
+        console.print(f"Run directory: [cyan]{path}[/cyan]  (re-evaluate with: routerkit evaluate {path})")
+
+
+def _launch_distributed(nproc: int) -> None:
+    """Run this ``routerkit train`` command again under torchrun in ``nproc`` processes; exit with its status."""
+    import os
+    import subprocess
+    import sys
+
+    from routerkit.training.distributed import launch_command
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _fail("--nproc under torchrun: torchrun already started the processes; drop --nproc.")
+    argv, skip = [], False
+    for arg in sys.argv[1:]:  # the same command line, less --nproc
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            argv.append(arg)
+    command = launch_command(nproc, argv)
+    console.print(f"torchrun: {nproc} processes", soft_wrap=True)
+    raise typer.Exit(subprocess.call(command))
 
 
 @app.command()

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from routerkit.data import Split
+from routerkit.data import BaseSplit
 from routerkit.flops import FLOP_CONVENTION
 from routerkit.frontier import Frontier
 from routerkit.functional import confusion_counts, iou_from_confusion
@@ -79,7 +79,7 @@ def seeded_rng(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
 def evaluate_router(
     pipeline: RoutedPipeline,
     router: Router,
-    split: Split,
+    split: BaseSplit,
     num_classes: int,
     name: str = "router",
     batch_size: int = 16,

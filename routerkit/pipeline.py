@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from routerkit._storage import RowStore
 from routerkit.costs import CostModel
 from routerkit.executor import Execution, Executor, FlopAccountant
 from routerkit.functional import paid_counts
@@ -92,6 +93,9 @@ class RoutedPipeline:
         self.executor = Executor(zoo, partitioner, max_units)
         self.accountant = FlopAccountant(zoo, partitioner, self.input_shape)
         self.inference_mode = inference_mode
+        #: Where tables of per-input outputs of this pipeline (replay caches, distillation targets) are kept:
+        #: in memory, or memory-mapped on disk above its budget (``run.cache_memory_gb``, ``run.cache_dir``).
+        self.row_store = RowStore()
         self._costs: Tensor | None = None
 
     def for_inference(

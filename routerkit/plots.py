@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from routerkit.data import Split
+from routerkit.data import BaseSplit
 from routerkit.pipeline import RoutedPipeline
 from routerkit.routers.base import Router
 
@@ -33,7 +33,7 @@ def model_colours(count: int) -> list[tuple[float, float, float]]:
 def routing_overlay(
     pipeline: RoutedPipeline,
     router: Router,
-    split: Split,
+    split: BaseSplit,
     path: Path,
     model_names: list[str],
     num_samples: int = 4,
@@ -65,7 +65,8 @@ def routing_overlay(
 
     n = min(num_samples, len(split))
     device = next(pipeline.zoo.base.parameters()).device
-    images, targets = split.images[:n], split.targets[:n]
+    first = split.take(n)
+    images, targets = first.images, first.targets
     if num_classes is None:
         valid = targets[targets != ignore_index] if ignore_index is not None else targets
         num_classes = int(valid.max()) + 1 if valid.numel() else 2

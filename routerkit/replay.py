@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from routerkit.data import Split
+from routerkit._storage import RowStore
+from routerkit.data import BaseSplit
 from routerkit.functional import confusion_counts, entropy
 from routerkit.pipeline import RoutedPipeline
 from routerkit.rewards import AccuracyTerm
@@ -38,11 +39,12 @@ def _unit_mean(x: Tensor, unit_targets: Tensor | None, ignore_index: int | None)
 def build_unit_table(
     pipeline: RoutedPipeline,
     accuracy: AccuracyTerm,
-    data: Split,
+    data: BaseSplit,
     num_classes: int,
     batch_size: int = 16,
     ignore_index: int | None = None,
     device: torch.device | str = "cpu",
+    store: RowStore | None = None,
 ) -> UnitTable:
     """Run ``f_0`` (with the estimator) and every model on every unit of ``data`` once.
 
@@ -54,16 +56,20 @@ def build_unit_table(
         batch_size: Inputs per batch.
         ignore_index: Label ignored by losses, IoU and confusion counts.
         device: Where the models run.
+        store: Where the table's rows are kept: in memory, or memory-mapped on disk when the whole
+            table exceeds its budget (default: the pipeline's ``row_store``). The values
+            are the same either way.
 
     Returns:
         The split's `UnitTable` (kept on the CPU).
     """
     if len(data) == 0:
         raise ValueError("Cannot build a unit table of an empty split.")
+    store = pipeline.row_store if store is None else store
     pipeline.zoo.eval()
     part, num_models = pipeline.partitioner, len(pipeline.zoo)
-    rows: dict[str, list[Tensor]] = {k: [] for k in ("probs", "unc", "inputs", "acc", "loss", "uncm", "up", "conf")}
-    for images, targets in data.batches(batch_size):
+    out: dict[str, Tensor] | None = None
+    for idx, images, targets in data.index_batches(batch_size):
         images, targets = images.to(device), targets.to(device)
         batch = images.shape[0]
         base = pipeline.estimator(pipeline.zoo.base, images)
@@ -80,23 +86,30 @@ def build_unit_table(
             up.append(probs.flatten(2).mean(-1) if probs.dim() > 2 else probs)
             conf.append(confusion_counts(probs.argmax(1), unit_targets, num_classes, ignore_index))
         shape = (batch, part.num_units, num_models)
-        rows["acc"].append(torch.stack(acc, -1).reshape(shape).cpu())
-        rows["loss"].append(torch.stack(loss, -1).reshape(shape).cpu())
-        rows["uncm"].append(torch.stack(unc, -1).reshape(shape).cpu())
-        rows["up"].append(torch.stack(up, 1).reshape(*shape, num_classes).cpu())
-        rows["conf"].append(torch.stack(conf, 1).reshape(*shape, num_classes, num_classes).cpu())
-        rows["probs"].append(base.probs.cpu())
-        rows["unc"].append(base.uncertainty.cpu())
-        rows["inputs"].append(images.cpu())
+        rows = {
+            "acc": torch.stack(acc, -1).reshape(shape),
+            "loss": torch.stack(loss, -1).reshape(shape),
+            "uncm": torch.stack(unc, -1).reshape(shape),
+            "up": torch.stack(up, 1).reshape(*shape, num_classes),
+            "conf": torch.stack(conf, 1).reshape(*shape, num_classes, num_classes),
+            "probs": base.probs,
+            "unc": base.uncertainty,
+            "inputs": images,
+        }
+        if out is None:  # one decision for the whole table: in memory or on disk
+            out = store.allocate(len(data), {k: (tuple(v.shape[1:]), v.dtype) for k, v in rows.items()})
+        for key, value in rows.items():
+            out[key][idx] = value.cpu()
+    assert out is not None
     acct = pipeline.accountant
     unit_flops = torch.tensor([0, *acct.unit_flops[1:]], dtype=torch.float64)
     return UnitTable(
-        base=BaseOutput(torch.cat(rows["probs"]), torch.cat(rows["unc"]), torch.cat(rows["inputs"])),
-        accuracy=torch.cat(rows["acc"]),
-        loss=torch.cat(rows["loss"]),
-        uncertainty=torch.cat(rows["uncm"]),
-        unit_probs=torch.cat(rows["up"]),
-        confusion=torch.cat(rows["conf"]),
+        base=BaseOutput(out["probs"], out["unc"], out["inputs"]),
+        accuracy=out["acc"],
+        loss=out["loss"],
+        uncertainty=out["uncm"],
+        unit_probs=out["up"],
+        confusion=out["conf"],
         unit_flops=unit_flops,
         base_flops=float(acct.base_flops),
         state_flops=float(acct.estimator_flops(pipeline.estimator)),

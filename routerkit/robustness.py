@@ -122,7 +122,7 @@ def noisy_variants(
         torch.manual_seed(seed)
         for i in range(1, len(pipeline.zoo)):
             _reset(pipeline.zoo[i])
-    pt = exp.parts["pt"]
+    pt = exp.parts["pt"].materialize()  # clean + noisy copies of D_PT, in memory
     g = torch.Generator().manual_seed(seed)
     noisy = salt_and_pepper(pt.images.cpu(), amount, g).to(pt.images.device)
     data = Split(torch.cat([pt.images, noisy]), torch.cat([pt.targets, pt.targets]))
@@ -164,7 +164,7 @@ def noise_robustness(
     """
     console = console or Console()
     cfg, data = exp.config, exp.data
-    split = data.splits()[cfg.evaluation.split]
+    split = data.splits()[cfg.evaluation.split].materialize()
     epochs = cfg.training.pretrain_large.epochs if epochs is None else epochs
     grid = exp.pipeline.partitioner.grid_shape
     strategies: list[tuple[str, Router]] = [

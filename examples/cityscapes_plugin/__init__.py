@@ -25,9 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
 
 from cityscapes_plugin.labels import CLASS_NAMES, IGNORE_INDEX, LABEL_TO_TRAIN, LABELS, label_ids_to_train_ids
-from routerkit.data import DataBundle, FileFormat, Split
+from routerkit.data import BaseSplit, DataBundle, DatasetSplit, FileFormat, Split
 
 __all__ = [
     "CLASS_NAMES",
@@ -35,9 +37,11 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "LABEL_TO_TRAIN",
+    "CityscapesDataset",
     "build_data",
     "find_pairs",
     "label_ids_to_train_ids",
+    "load_pair",
     "load_pairs",
     "make_fixture",
     "resolve_root",
@@ -136,12 +140,60 @@ def find_pairs(root: str | Path, split: str) -> list[tuple[Path, Path]]:
     return pairs
 
 
+def load_pair(
+    image_path: Path, label_path: Path, height: int, width: int, normalize: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read, resize and map one image / label pair, as `load_pairs` does for each of its rows.
+
+    Args:
+        image_path: The ``leftImg8bit`` image.
+        label_path: Its ``gtFine`` labelIds file.
+        height: Output height.
+        width: Output width.
+        normalize: Whether to standardise with `IMAGENET_MEAN` / `IMAGENET_STD`.
+
+    Returns:
+        ``(image float32 [3, height, width], train ids int64 [height, width])``.
+
+    Raises:
+        ValueError: A file cannot be read, the label file is not single-channel, or the image and its
+            label differ in size.
+    """
+    mean = np.asarray(IMAGENET_MEAN if normalize else (0.0, 0.0, 0.0), dtype=np.float32).reshape(3, 1, 1)
+    std = np.asarray(IMAGENET_STD if normalize else (1.0, 1.0, 1.0), dtype=np.float32).reshape(3, 1, 1)
+    try:
+        with Image.open(image_path) as img:
+            rgb = img.convert("RGB")
+        with Image.open(label_path) as lab:
+            lab.load()
+            label: Image.Image = lab
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"Could not read Cityscapes pair {image_path} / {label_path}: {exc}") from exc
+    if label.mode not in ("L", "P", "I", "I;16"):
+        raise ValueError(
+            f"Expected a single-channel labelIds file but {label_path} has mode {label.mode!r}; use the "
+            f"*{_LABEL_SUFFIX} files of gtFine, not the *_gtFine_color.png ones."
+        )
+    if rgb.size != label.size:
+        raise ValueError(
+            f"Expected image and label of the same size but {image_path} is {rgb.size[0]} x {rgb.size[1]} (W x H) "
+            f"and {label_path} is {label.size[0]} x {label.size[1]}."
+        )
+    if rgb.size != (width, height):
+        rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
+        label = label.resize((width, height), Image.Resampling.NEAREST)
+    pixels = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
+    image = np.ascontiguousarray((pixels - mean) / std)
+    return image, label_ids_to_train_ids(np.asarray(label))
+
+
 def load_pairs(pairs: Sequence[tuple[Path, Path]], height: int, width: int, normalize: bool = True) -> Split:
     """Read, resize and map image / label pairs into a `~routerkit.data.Split`.
 
     Images are converted to RGB, resized with bilinear filtering to ``height x width`` and scaled to
     [0, 1] (then standardised with the ImageNet mean and std when ``normalize``); labels are resized
-    with nearest-neighbour sampling and mapped from label ids to train ids (255 = ignore).
+    with nearest-neighbour sampling and mapped from label ids to train ids (255 = ignore). Each pair
+    is read by `load_pair`.
 
     Args:
         pairs: ``(image path, label path)`` pairs, e.g. from `find_pairs`.
@@ -160,34 +212,35 @@ def load_pairs(pairs: Sequence[tuple[Path, Path]], height: int, width: int, norm
         raise ValueError("Expected at least one Cityscapes image to load but got none.")
     images = np.empty((len(pairs), 3, height, width), dtype=np.float32)
     targets = np.empty((len(pairs), height, width), dtype=np.int64)
-    mean = np.asarray(IMAGENET_MEAN if normalize else (0.0, 0.0, 0.0), dtype=np.float32).reshape(3, 1, 1)
-    std = np.asarray(IMAGENET_STD if normalize else (1.0, 1.0, 1.0), dtype=np.float32).reshape(3, 1, 1)
     for row, (image_path, label_path) in enumerate(pairs):
-        try:
-            with Image.open(image_path) as img:
-                rgb = img.convert("RGB")
-            with Image.open(label_path) as lab:
-                lab.load()
-                label: Image.Image = lab
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"Could not read Cityscapes pair {image_path} / {label_path}: {exc}") from exc
-        if label.mode not in ("L", "P", "I", "I;16"):
-            raise ValueError(
-                f"Expected a single-channel labelIds file but {label_path} has mode {label.mode!r}; use the "
-                f"*{_LABEL_SUFFIX} files of gtFine, not the *_gtFine_color.png ones."
-            )
-        if rgb.size != label.size:
-            raise ValueError(
-                f"Expected image and label of the same size but {image_path} is {rgb.size[0]} x {rgb.size[1]} (W x H) "
-                f"and {label_path} is {label.size[0]} x {label.size[1]}."
-            )
-        if rgb.size != (width, height):
-            rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
-            label = label.resize((width, height), Image.Resampling.NEAREST)
-        pixels = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
-        images[row] = (pixels - mean) / std  # one image at a time: no temporary of the whole split
-        targets[row] = label_ids_to_train_ids(np.asarray(label))
+        images[row], targets[row] = load_pair(image_path, label_path, height, width, normalize)  # one image at a time
     return Split(torch.from_numpy(images), torch.from_numpy(targets))
+
+
+class CityscapesDataset(Dataset[tuple[Tensor, Tensor]]):
+    """Image / label pairs read lazily, one per item, by `load_pair` (the tensors `load_pairs` gives, row by row).
+
+    Args:
+        pairs: ``(image path, label path)`` pairs, e.g. from `find_pairs`.
+        height: Output height.
+        width: Output width.
+        normalize: Whether to standardise with `IMAGENET_MEAN` / `IMAGENET_STD`.
+
+    Raises:
+        ValueError: No pair is given (a bad file raises `load_pair`'s error when its item is read).
+    """
+
+    def __init__(self, pairs: Sequence[tuple[Path, Path]], height: int, width: int, normalize: bool = True) -> None:
+        if not pairs:
+            raise ValueError("Expected at least one Cityscapes image to load but got none.")
+        self.pairs, self.height, self.width, self.normalize = list(pairs), height, width, normalize
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        image, target = load_pair(*self.pairs[index], self.height, self.width, self.normalize)
+        return torch.from_numpy(image), torch.from_numpy(target)
 
 
 def _take(pairs: list[tuple[Path, Path]], count: int | None, field: str, generator: torch.Generator) -> list[tuple[Path, Path]]:
@@ -212,6 +265,8 @@ def build_data(
     patch_grid: Sequence[int] | None = (2, 4),
     val_fraction: float = 0.1,
     seed: int = 0,
+    lazy: bool = False,
+    num_workers: int = 0,
 ) -> DataBundle:
     """Build the Cityscapes data set (19 classes, ``ignore_index=255``) from the official layout.
 
@@ -235,6 +290,12 @@ def build_data(
             ``None`` skips the check. Keep it equal to ``partitioner.params``.
         val_fraction: Share of the official train split carved out as validation when ``num_val`` is ``None``.
         seed: Seed of the subset draws and of the train / validation carve-out.
+        lazy: Read the images batch by batch (each split a `~routerkit.data.DatasetSplit` over a
+            `CityscapesDataset`) instead of holding them in memory, for data that does not fit (the
+            full data set at high resolution); every file is then read again in every epoch. Both give
+            the same tensors.
+        num_workers: ``DataLoader`` worker processes reading the files of lazy splits (0: read in the
+            training process); ignored unless ``lazy``.
 
     Returns:
         The train / val / test bundle with the 19 Cityscapes classes in train-id order.
@@ -242,7 +303,9 @@ def build_data(
     Raises:
         FileNotFoundError: The data set is missing (the message says how to get it), a split has no image,
             or an image has no label file.
-        ValueError: A bad parameter (named after its ``data.params`` field) or an unreadable file.
+        ValueError: A bad parameter (named after its ``data.params`` field), an unreadable file (with
+            ``lazy``: when it is read), or a test split whose labels are all ignored (with ``lazy``:
+            judged by its first image).
     """
     if height < 1 or width < 1:
         raise ValueError(f"Expected data.params.height and data.params.width >= 1 but got {height} x {width}.")
@@ -259,6 +322,10 @@ def build_data(
         raise ValueError(f"Expected data.params.test_split to be 'val' or 'test' but got {test_split!r}.")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"Expected data.params.val_fraction in (0, 1) but got {val_fraction}.")
+    if not isinstance(lazy, bool):
+        raise ValueError(f"Expected data.params.lazy to be true or false but got {lazy!r}.")
+    if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
+        raise ValueError(f"Expected data.params.num_workers to be an int >= 0 but got {num_workers!r}.")
     path = resolve_root(root)
     generator = torch.Generator().manual_seed(seed)
     train_pairs = find_pairs(path, "train")
@@ -279,8 +346,18 @@ def build_data(
         test_pairs = find_pairs(path, "test")
     train_pairs = _take(train_pairs, num_train, "num_train", generator)
     test_pairs = _take(test_pairs, num_test, "num_test", generator)
-    splits = [load_pairs(pairs, height, width, normalize) for pairs in (train_pairs, val_pairs, test_pairs)]
-    if bool((splits[2].targets == IGNORE_INDEX).all()):
+    splits: list[BaseSplit]
+    if lazy:
+        splits = [
+            DatasetSplit(CityscapesDataset(pairs, height, width, normalize), num_workers=num_workers, name=name)
+            for name, pairs in zip(SPLITS, (train_pairs, val_pairs, test_pairs), strict=True)
+        ]
+        # Only the first test label is read here (the official test split's labels are all placeholders).
+        test_targets = load_pair(*test_pairs[0], height, width, normalize)[1]
+    else:
+        splits = [load_pairs(pairs, height, width, normalize) for pairs in (train_pairs, val_pairs, test_pairs)]
+        test_targets = splits[2].targets.numpy()
+    if bool((test_targets == IGNORE_INDEX).all()):
         raise ValueError(
             f"Expected labelled test images but every label pixel of the official {test_split!r} split is ignored "
             "(the official test split has no public labels): use data.params.test_split='val'."

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from routerkit._storage import RowStore
 from routerkit.config import ConfigError
 from routerkit.config.checks import (
     MODEL_DATA_ARGUMENTS,
@@ -20,7 +21,7 @@ from routerkit.config.checks import (
     resolve_data_factory,
 )
 from routerkit.config.schema import ExperimentConfig
-from routerkit.data import DataBundle, DataSpec, Split, paser_split
+from routerkit.data import BaseSplit, DataBundle, DataSpec, paser_split
 from routerkit.models import MODELS, Zoo, create_model
 from routerkit.partitioners import create_partitioner
 from routerkit.pipeline import RoutedPipeline
@@ -34,7 +35,7 @@ class Experiment:
 
     config: ExperimentConfig
     data: DataBundle
-    parts: dict[str, Split]
+    parts: dict[str, BaseSplit]
     pipeline: RoutedPipeline
     router: Router
     reward: Reward
@@ -181,6 +182,7 @@ def build_routing(
         )
     except (ImportError, KeyError, TypeError, ValueError) as err:
         raise ConfigError(f"uncertainty/cost: {err}") from None
+    pipeline.row_store = RowStore(cfg.run.cache_memory_gb, cfg.run.cache_dir)
     try:
         router_spec = pipeline.router_spec(spec.num_classes, spec.spatial)
         router = create_router(cfg.router.name, router_spec=router_spec, **cfg.router.params)

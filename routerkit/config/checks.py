@@ -28,7 +28,7 @@ from routerkit.config import ConfigError
 from routerkit.config.schema import ExperimentConfig
 
 if TYPE_CHECKING:
-    from routerkit.data import DataBundle, DataSpec, Split
+    from routerkit.data import BaseSplit, DataBundle, DataSpec
     from routerkit.models import Zoo
     from routerkit.partitioners import Partitioner
 
@@ -381,14 +381,14 @@ def check_zoo_outputs(
             )
 
 
-def check_meta_keys(cfg: ExperimentConfig, data: DataBundle, parts: Mapping[str, Split]) -> None:
+def check_meta_keys(cfg: ExperimentConfig, data: DataBundle, parts: Mapping[str, BaseSplit]) -> None:
     """The per-input meta keys the config names (``evaluation.expert_key``, ``zoo.models.N.train_on``) exist in the data.
 
     Raises:
         ConfigError: Naming the field and the keys the data have.
     """
 
-    def keys(split: Split) -> str:
+    def keys(split: BaseSplit) -> str:
         return ", ".join(sorted(split.meta)) or "none"
 
     key = cfg.evaluation.expert_key

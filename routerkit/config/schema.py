@@ -54,6 +54,15 @@ class RunConfig(_Section):
     checkpoint_every: Int = Field(
         1, ge=1, description="Checkpoint every N epochs (the end of every stage is always saved); large zoos: raise it."
     )
+    cache_memory_gb: Float | None = Field(
+        None,
+        ge=0,
+        description="Memory budget of one replay table (and of f_0's distillation targets), GiB; a larger one is "
+        "memory-mapped on disk with the same values. None: half the memory available when it is built; 0: always on disk.",
+    )
+    cache_dir: str | None = Field(
+        None, description="Folder of the memory-mapped tables (None: the system's temporary folder); nothing stays there."
+    )
 
     @field_validator("device")
     @classmethod

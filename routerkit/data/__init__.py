@@ -1,24 +1,33 @@
-"""In-memory data containers and the PaSeR D_PT / D_RL / D_FT split.
+"""Data containers and the PaSeR D_PT / D_RL / D_FT split.
 
-Routing experiments hold their splits as tensors: ``images [N, C, H, W]`` float32 and
-``targets`` int64 (``[N, H, W]`` masks for segmentation, ``[N]`` labels for classification).
+A split yields ``images [B, C, H, W]`` float32 and ``targets`` int64 (``[B, H, W]`` masks for
+segmentation, ``[B]`` labels for classification) in mini-batches. Two kinds share one interface
+(`BaseSplit`):
+
+- `Split`: every sample held as one tensor in memory, the fast path for small data;
+- `DatasetSplit`: a ``torch.utils.data.Dataset`` read lazily, batch by batch, through a
+  ``DataLoader`` (worker processes, ``pin_memory`` on accelerators), for data that does not fit
+  in memory. Both give the same batches in the same order for the same generator.
+
 Data plugins return a `DataBundle`; see `routerkit.data.folder` for image folders.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from routerkit._registry import Registry
 from routerkit.data.spec import DataSpec, FileFormat
 
-__all__ = ["DATASETS", "DataBundle", "DataSpec", "FileFormat", "Split", "paser_split"]
+__all__ = ["DATASETS", "BaseSplit", "DataBundle", "DataSpec", "DatasetSplit", "FileFormat", "Split", "paser_split", "shard_of"]
 
 
 #: Built-in data factories, by the name ``data.factory`` takes (``folder``: `routerkit.data.folder`,
@@ -27,8 +36,124 @@ __all__ = ["DATASETS", "DataBundle", "DataSpec", "FileFormat", "Split", "paser_s
 DATASETS: Registry[Any] = Registry("data factory")
 
 
+def _order(n: int, shuffle: bool, generator: torch.Generator | None) -> Tensor:
+    """The sample order of one pass: ``randperm`` from ``generator`` when shuffling, else ``0..n-1``."""
+    return torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+
+
+def shard_of(index: Tensor, shard: tuple[int, int] | None) -> Tensor:
+    """Rank ``r``'s contiguous share of a global batch ``index`` for ``shard = (r, world)``.
+
+    Shares differ in size by at most one. A rank whose share would be empty (a batch smaller than
+    the world) gets the batch's first sample, so that it can still run its step (its loss then
+    weighs nothing: see `routerkit.training.distributed.Distributed.loss_scale`).
+    """
+    if shard is None:
+        return index
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise ValueError(f"Expected a shard (rank, world) with 0 <= rank < world but got {shard}.")
+    mine = torch.tensor_split(index, world)[rank]
+    return mine if mine.numel() else index[:1]
+
+
+class BaseSplit(ABC):
+    """What every split offers the stages, evaluation and plots: its size, shapes and mini-batches.
+
+    Subclasses: `Split` (tensors in memory) and `DatasetSplit` (a ``Dataset`` read lazily).
+    """
+
+    meta: dict[str, Tensor]
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Number of samples N."""
+
+    @property
+    @abstractmethod
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input without the batch dimension."""
+
+    @property
+    @abstractmethod
+    def target_shape(self) -> tuple[int, ...]:
+        """Shape of one target without the batch dimension (``()`` for a class label)."""
+
+    @property
+    @abstractmethod
+    def device(self) -> torch.device:
+        """Where the batches are delivered."""
+
+    @abstractmethod
+    def to(self, device: torch.device | str) -> BaseSplit:
+        """The same split delivering its batches on ``device``."""
+
+    @abstractmethod
+    def subset(self, index: Tensor) -> BaseSplit:
+        """The samples at ``index`` (a LongTensor of positions), of the same kind."""
+
+    @abstractmethod
+    def index_batches(
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        shard: tuple[int, int] | None = None,
+    ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """Yield ``(index, images, targets)`` mini-batches; ``index`` are the samples' positions.
+
+        With ``shuffle``, the order is ``torch.randperm(len(self), generator=generator)``, the same
+        for every kind of split. With ``shard = (rank, world)`` each global batch of ``batch_size``
+        is cut as `shard_of` cuts it and only this rank's share is read and yielded.
+        """
+
+    @abstractmethod
+    def materialize(self, index: Tensor | None = None) -> Split:
+        """The samples at ``index`` (default: all) as an in-memory `Split`."""
+
+    def batches(
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        shard: tuple[int, int] | None = None,
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield ``(images, targets)`` mini-batches (see `index_batches`)."""
+        for _, images, targets in self.index_batches(batch_size, shuffle, generator, shard):
+            yield images, targets
+
+    @property
+    def is_classification(self) -> bool:
+        """Whether a target is one class label per input (else a mask per input)."""
+        return len(self.target_shape) == 0
+
+    def take(self, n: int) -> Split:
+        """The first ``n`` samples (fewer if the split is smaller) in memory, e.g. for a figure."""
+        return self.materialize(torch.arange(min(int(n), len(self))))
+
+    @abstractmethod
+    def check_targets(self, name: str, num_classes: int, ignore_index: int | None) -> None:
+        """Raise a clear error if a target is not a class id in ``[0, num_classes)`` or ``ignore_index``."""
+
+
+def _bad_targets(t: Tensor, num_classes: int, ignore_index: int | None) -> Tensor:
+    """Mask of the target values that are neither a class id nor the ignore index."""
+    bad = (t < 0) | (t >= num_classes)
+    if ignore_index is not None:
+        bad &= t != ignore_index
+    return bad
+
+
+def _target_error(name: str, t: Tensor, bad: Tensor, num_classes: int, ignore_index: int | None, where: str = "") -> ValueError:
+    values = sorted(set(t[bad].unique().tolist()))[:10]
+    return ValueError(
+        f"Expected the {name} split's targets{where} to be class ids in [0, {num_classes}) or the ignore_index "
+        f"{ignore_index} but found {values}: check the value map of the masks (or the labels) against class_names."
+    )
+
+
 @dataclass
-class Split:
+class Split(BaseSplit):
     """One split of a data set, held in memory.
 
     Args:
@@ -63,6 +188,18 @@ class Split:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape[1:])
+
+    @property
+    def target_shape(self) -> tuple[int, ...]:
+        return tuple(self.targets.shape[1:])
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
     def to(self, device: torch.device | str) -> Split:
         """A copy of the split on ``device``."""
         return Split(self.images.to(device), self.targets.to(device), {k: v.to(device) for k, v in self.meta.items()})
@@ -72,16 +209,211 @@ class Split:
         index = index.to(self.images.device)
         return Split(self.images[index], self.targets[index], {k: v[index] for k, v in self.meta.items()})
 
-    def batches(
-        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
-    ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield ``(images, targets)`` mini-batches."""
+    def materialize(self, index: Tensor | None = None) -> Split:
+        return self if index is None else self.subset(index)
+
+    def index_batches(
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        shard: tuple[int, int] | None = None,
+    ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         if batch_size < 1:
             raise ValueError(f"Expected batch_size >= 1 but got {batch_size}.")
-        order = torch.randperm(len(self), generator=generator) if shuffle else torch.arange(len(self))
+        order = _order(len(self), shuffle, generator)
         for start in range(0, len(self), batch_size):
-            idx = order[start : start + batch_size].to(self.images.device)
-            yield self.images[idx], self.targets[idx]
+            idx = shard_of(order[start : start + batch_size], shard)
+            on = idx.to(self.images.device)
+            yield idx, self.images[on], self.targets[on]
+
+    def check_targets(self, name: str, num_classes: int, ignore_index: int | None) -> None:
+        bad = _bad_targets(self.targets, num_classes, ignore_index)
+        if bool(bad.any()):
+            raise _target_error(name, self.targets, bad, num_classes, ignore_index)
+
+
+class DatasetSplit(BaseSplit):
+    """A split read lazily from a ``torch.utils.data.Dataset``, batch by batch.
+
+    Each item of ``dataset`` is ``(image, target)``: an image ``[C, H, W]`` (or ``[D]``) float
+    tensor and a target ``[H, W]`` (mask) or ``[]`` (label) integer tensor (numpy arrays and
+    Python ints are converted). Batches go through a ``DataLoader`` with ``num_workers`` worker
+    processes and ``pin_memory`` (default: when the batches go to an accelerator), in the order
+    `BaseSplit.index_batches` defines, so a `DatasetSplit` and a `Split` of the same samples give
+    the same batches. Only one batch is held at a time: memory does not grow with the data set.
+
+    Every batch is checked against the first item's shapes and, once the split belongs to a
+    `DataBundle`, its targets against the class ids, with an error naming the split and samples.
+
+    Args:
+        dataset: The samples (any map-style ``Dataset`` with ``__len__``).
+        num_workers: ``DataLoader`` worker processes (0: read in the calling process).
+        pin_memory: Page-locked batches for fast copies to an accelerator (``None``: when ``device`` is one).
+        device: Where the batches are delivered.
+        meta: Optional small per-sample tensors held in memory (e.g. a group label for ``train_on``).
+        name: What the split is called in error messages (e.g. ``"train"``).
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset[Any],
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+        device: torch.device | str = "cpu",
+        meta: dict[str, Tensor] | None = None,
+        name: str = "dataset",
+    ) -> None:
+        if not hasattr(dataset, "__len__"):
+            raise TypeError(f"Expected a map-style Dataset with __len__ for DatasetSplit but got {type(dataset).__name__}.")
+        if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
+            raise ValueError(f"Expected num_workers to be an int >= 0 but got {num_workers!r}.")
+        self.dataset, self.num_workers, self.name = dataset, num_workers, name
+        self._device = torch.device(device)
+        self.pin_memory = self._device.type != "cpu" if pin_memory is None else bool(pin_memory)
+        n = len(dataset)  # type: ignore[arg-type]
+        self.meta = dict(meta or {})
+        for key, value in self.meta.items():
+            if value.shape[0] != n:
+                raise ValueError(f"Expected meta[{key!r}] of the {name} split to have {n} rows but got {value.shape[0]}.")
+        self._classes: tuple[int, int | None] | None = None
+        if n == 0:
+            self._shapes: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
+            return
+        image, target = _as_sample(dataset[0], name, 0)
+        self._shapes = (tuple(image.shape), tuple(target.shape))
+        if image.dim() == 3 and target.dim() == 2 and image.shape[-2:] != target.shape:
+            raise ValueError(
+                f"Expected the {name} split's masks to have the images' spatial size {tuple(image.shape[-2:])} but sample 0 "
+                f"has a mask of {tuple(target.shape)}."
+            )
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self._shapes[0]
+
+    @property
+    def target_shape(self) -> tuple[int, ...]:
+        return self._shapes[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def _like(self, dataset: Dataset[Any], meta: dict[str, Tensor], device: torch.device | None = None) -> DatasetSplit:
+        out = DatasetSplit.__new__(DatasetSplit)
+        out.dataset, out.num_workers, out.name, out.pin_memory = dataset, self.num_workers, self.name, self.pin_memory
+        out._device = self._device if device is None else device
+        out.meta, out._classes, out._shapes = meta, self._classes, self._shapes
+        return out
+
+    def to(self, device: torch.device | str) -> DatasetSplit:
+        device = torch.device(device)
+        out = self._like(self.dataset, {k: v.to(device) for k, v in self.meta.items()}, device)
+        out.pin_memory = self.pin_memory or device.type != "cpu"
+        return out
+
+    def subset(self, index: Tensor) -> DatasetSplit:
+        rows = [int(i) for i in index.reshape(-1).tolist()]
+        meta = {k: v[index.to(v.device)] for k, v in self.meta.items()}
+        out = self._like(Subset(self.dataset, rows), meta)
+        if not rows:
+            out._shapes = self._shapes
+        return out
+
+    def check_targets(self, name: str, num_classes: int, ignore_index: int | None) -> None:
+        """Targets are checked batch by batch as they are read (reading them all here would read the whole data set)."""
+        self.name, self._classes = name, (num_classes, ignore_index)
+
+    def _loader(self, batches: list[list[int]]) -> DataLoader[Any]:
+        return DataLoader(
+            _Indexed(self.dataset, self.name, self._shapes),
+            batch_sampler=batches,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            collate_fn=_collate,
+            # a private generator: the loader's worker seeds must not draw from the global RNG (dropout, MC passes)
+            generator=torch.Generator().manual_seed(0),
+        )
+
+    def index_batches(
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        shard: tuple[int, int] | None = None,
+    ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        if batch_size < 1:
+            raise ValueError(f"Expected batch_size >= 1 but got {batch_size}.")
+        order = _order(len(self), shuffle, generator)
+        plan = [shard_of(order[s : s + batch_size], shard).tolist() for s in range(0, len(self), batch_size)]
+        batches = iter(self._loader(plan))
+        try:
+            for idx, images, targets in batches:
+                if self._classes is not None:
+                    bad = _bad_targets(targets, *self._classes)
+                    if bool(bad.any()):
+                        rows = sorted({int(idx[i]) for i in bad.reshape(bad.shape[0], -1).any(1).nonzero().flatten().tolist()})
+                        raise _target_error(self.name, targets, bad, *self._classes, where=f" (samples {rows[:8]})")
+                fast = self.pin_memory
+                yield idx, images.to(self._device, non_blocking=fast), targets.to(self._device, non_blocking=fast)
+        finally:  # stop the worker processes now (an error or an early break leaves them to a slow garbage collection)
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if callable(shutdown):
+                shutdown()
+            del batches
+
+    def materialize(self, index: Tensor | None = None) -> Split:
+        part = self if index is None else self.subset(index)
+        chunks = list(part.index_batches(64))
+        if not chunks:
+            raise ValueError(f"Cannot materialize an empty selection of the {self.name} split.")
+        images = torch.cat([c[1] for c in chunks])
+        targets = torch.cat([c[2] for c in chunks])
+        return Split(images, targets, dict(part.meta))
+
+
+def _as_sample(item: Any, name: str, index: int) -> tuple[Tensor, Tensor]:
+    """One ``(image, target)`` item as a float32 image tensor and an int64 target tensor."""
+    if not isinstance(item, (tuple, list)) or len(item) < 2:
+        raise TypeError(
+            f"Expected item {index} of the {name} split's Dataset to be (image, target) but got "
+            + (f"a {type(item).__name__} of {len(item)}" if isinstance(item, (tuple, list)) else type(item).__name__)
+            + "."
+        )
+    image, target = torch.as_tensor(item[0]), torch.as_tensor(item[1])
+    if not image.is_floating_point():
+        raise TypeError(f"Expected item {index} of the {name} split to have a float image but got {image.dtype}.")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"Expected item {index} of the {name} split to have an integer target but got {target.dtype}.")
+    return image.float(), target.long()
+
+
+class _Indexed(Dataset[tuple[int, Tensor, Tensor]]):
+    """Items of a dataset with their position, converted to ``(index, float image, int64 target)`` and checked."""
+
+    def __init__(self, dataset: Dataset[Any], name: str, shapes: tuple[tuple[int, ...], tuple[int, ...]]) -> None:
+        self.dataset, self.name, self.shapes = dataset, name, shapes
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[int, Tensor, Tensor]:
+        image, target = _as_sample(self.dataset[index], self.name, index)
+        if (tuple(image.shape), tuple(target.shape)) != self.shapes:
+            raise ValueError(
+                f"Expected every sample of the {self.name} split to have an input of {self.shapes[0]} and a target of "
+                f"{self.shapes[1]} (as its first sample) but sample {index} has {tuple(image.shape)} and {tuple(target.shape)}."
+            )
+        return index, image, target
+
+
+def _collate(items: list[tuple[int, Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+    index = torch.tensor([i for i, _, _ in items], dtype=torch.long)
+    return index, torch.stack([x for _, x, _ in items]), torch.stack([t for _, _, t in items])
 
 
 @dataclass
@@ -98,9 +430,9 @@ class DataBundle:
             value (`routerkit.data.spec.FileFormat`), for routing new files after training.
     """
 
-    train: Split
-    val: Split
-    test: Split
+    train: BaseSplit
+    val: BaseSplit
+    test: BaseSplit
     class_names: list[str]
     ignore_index: int | None = None
     file_format: FileFormat = field(default_factory=FileFormat)
@@ -108,22 +440,16 @@ class DataBundle:
     def __post_init__(self) -> None:
         if len(self.class_names) < 2:
             raise ValueError(f"Expected at least 2 class names but got {self.class_names}.")
-        shapes = {name: tuple(s.images.shape[1:]) for name, s in self.splits().items()}
+        for name, split in self.splits().items():
+            if not isinstance(split, BaseSplit):
+                raise TypeError(
+                    f"Expected DataBundle.{name} to be a routerkit.data.Split or DatasetSplit but got {type(split).__name__}."
+                )
+        shapes = {name: s.input_shape for name, s in self.splits().items()}
         if len(set(shapes.values())) != 1:
             raise ValueError(f"Expected every split to have the same input shape but got {shapes}.")
-        k = len(self.class_names)
         for name, split in self.splits().items():
-            t = split.targets
-            bad = (t < 0) | (t >= k)
-            if self.ignore_index is not None:
-                bad &= t != self.ignore_index
-            if bool(bad.any()):
-                values = sorted(set(t[bad].unique().tolist()))[:10]
-                raise ValueError(
-                    f"Expected the {name} split's targets to be class ids in [0, {k}) (one per class name "
-                    f"{self.class_names}) or the ignore_index {self.ignore_index} but found {values}: check the value "
-                    "map of the masks (or the labels) against class_names."
-                )
+            split.check_targets(name, len(self.class_names), self.ignore_index)
 
     @property
     def num_classes(self) -> int:
@@ -133,16 +459,16 @@ class DataBundle:
     @property
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one input without the batch dimension."""
-        return tuple(self.train.images.shape[1:])
+        return self.train.input_shape
 
-    def splits(self) -> dict[str, Split]:
+    def splits(self) -> dict[str, BaseSplit]:
         """``{"train": ..., "val": ..., "test": ...}``."""
         return {"train": self.train, "val": self.val, "test": self.test}
 
     @property
     def spec(self) -> DataSpec:
         """What a trained run keeps of this data to route new inputs (`routerkit.data.spec.DataSpec`)."""
-        task = "classification" if self.train.targets.dim() == 1 else "segmentation"
+        task = "classification" if self.train.is_classification else "segmentation"
         return DataSpec(self.input_shape, list(self.class_names), self.ignore_index, task, self.file_format)
 
     def to(self, device: torch.device | str) -> DataBundle:
@@ -150,7 +476,9 @@ class DataBundle:
         return dataclasses.replace(self, train=self.train.to(device), val=self.val.to(device), test=self.test.to(device))
 
 
-def paser_split(train: Split, fractions: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3), seed: int = 0) -> dict[str, Split]:
+def paser_split(
+    train: BaseSplit, fractions: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3), seed: int = 0
+) -> dict[str, BaseSplit]:
     """Cut the training split into PaSeR's D_PT, D_RL and D_FT (equal thirds in the paper).
 
     Args:

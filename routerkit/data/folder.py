@@ -9,6 +9,9 @@ Example:
     >>> split.images.shape, split.targets.shape  # doctest: +SKIP
     (torch.Size([12, 1, 256, 256]), torch.Size([12, 256, 256]))
 
+`FolderDataset` reads the same files lazily, one image / mask pair per item, for data that does not
+fit in memory (wrap it in a `~routerkit.data.DatasetSplit`).
+
 `routerkit.data.folder_dataset.folder_dataset` (``data.factory: folder`` in a YAML) reads a whole
 data set laid out as ``root/{train,val,test}/{images,masks}/`` with no Python at all.
 
@@ -26,12 +29,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
 
 from routerkit.data import Split
 
 __all__ = [
     "PASER_BATTERY_CLASSES",
     "PASER_BATTERY_VALUE_MAP",
+    "FolderDataset",
     "folder_pairs",
     "load_folder_split",
     "load_paser_battery",
@@ -406,6 +412,90 @@ def load_folder_split(
         targets[row] = _map_values(mask, keys, classes, default_class, mask_path, value_map)
     assert images is not None and targets is not None  # folder_pairs never returns an empty list
     return Split(torch.from_numpy(images), torch.from_numpy(targets))
+
+
+class FolderDataset(Dataset[tuple[Tensor, Tensor]]):
+    """An images folder and a masks folder read lazily: one image / mask pair per item.
+
+    Each item is read as `load_folder_split` reads one row (same pairing by stem and order, same
+    scaling, value map and error messages), so ``DatasetSplit(FolderDataset(...)).materialize()``
+    equals `load_folder_split` with the same arguments. Only the file names are listed when it is
+    built; a bad file raises its error when its item is read. Every image must have the shape of
+    the first one (sorted by stem).
+
+    Example:
+        >>> from routerkit.data import DatasetSplit
+        >>> data = FolderDataset("data/images", "data/masks", {0: 0, 255: 1})  # doctest: +SKIP
+        >>> split = DatasetSplit(data, num_workers=4)  # doctest: +SKIP
+        >>> image, mask = data[0]  # doctest: +SKIP
+        >>> image.shape, mask.shape  # doctest: +SKIP
+        (torch.Size([1, 256, 256]), torch.Size([256, 256]))
+
+    Args:
+        images_dir: Folder of images.
+        masks_dir: Folder of masks, one per image with the same stem.
+        value_map: Mask value -> class id, for example ``{0: 0, 255: 1}``.
+        default_class: Class id of mask values missing from ``value_map``; ``None`` makes them an error.
+        extensions: File extensions to read (case-insensitive); other files are ignored.
+        normalize: ``"auto"`` scales 8-bit images by 1/255 and 16-bit images by 1/65535 into [0, 1];
+            ``"none"`` keeps the raw values (as float32).
+
+    Raises:
+        FileNotFoundError: A folder is missing or has no file with one of ``extensions``.
+        NotADirectoryError: A folder path is a file.
+        ValueError: Unpaired stems or a bad ``normalize`` (when built); an unreadable file, an image
+            of another shape than the first, an image and mask of different size, a mask that is
+            not single-channel or unmapped mask values (when that item is read).
+        TypeError: ``value_map`` or ``default_class`` does not hold ints.
+    """
+
+    def __init__(
+        self,
+        images_dir: str | Path,
+        masks_dir: str | Path,
+        value_map: Mapping[int, int],
+        default_class: int | None = None,
+        extensions: Iterable[str] = (".png", ".tif", ".tiff"),
+        normalize: str = "auto",
+    ) -> None:
+        if normalize not in ("auto", "none"):
+            raise ValueError(f"Expected normalize to be 'auto' or 'none' but got {normalize!r}.")
+        self._keys, self._classes = _check_value_map(value_map, default_class)
+        self.images_dir, self.masks_dir = Path(images_dir), Path(masks_dir)
+        self.value_map, self.default_class, self.normalize = dict(value_map), default_class, normalize
+        self.pairs = folder_pairs(images_dir, masks_dir, extensions)
+        self._first_shape: tuple[int, ...] | None = None  # the first image's (C, H, W), known once it is read
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        _, image_path, mask_path = self.pairs[index]
+        image = _read_image(image_path, self.normalize)
+        if index == 0:
+            self._first_shape = image.shape
+        else:
+            if self._first_shape is None:
+                self._first_shape = _read_image(self.pairs[0][1], self.normalize).shape
+            if image.shape != self._first_shape:
+                raise ValueError(
+                    f"Expected every image in {self.images_dir} to have the shape (C, H, W) = {self._first_shape} "
+                    f"of {self.pairs[0][1].name!r} but {image_path} has {image.shape}."
+                )
+        mask = _read_mask(mask_path)
+        if mask.shape != image.shape[1:]:
+            raise ValueError(
+                f"Expected image and mask of the same size but image {image_path} is (H, W) = {image.shape[1:]} "
+                f"and mask {mask_path} is {mask.shape}."
+            )
+        return image, _map_values(mask, self._keys, self._classes, self.default_class, mask_path, self.value_map)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        """Pair ``index`` (in stem order) as ``(image float32 [C, H, W], mask int64 [H, W])``."""
+        if not -len(self.pairs) <= index < len(self.pairs):
+            raise IndexError(f"Expected an index in [0, {len(self.pairs)}) but got {index}.")
+        image, target = self._read(index % len(self.pairs))
+        return torch.from_numpy(image), torch.from_numpy(target)
 
 
 def load_paser_battery(root: str | Path, splits: Sequence[str] = ("train", "validation", "test")) -> dict[str, Split]:

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from routerkit.training.distributed import distributed
 from routerkit.training.schedules import LR_SCHEDULES, OPTIMIZERS, PER_STEP_SCHEDULES, PRECISIONS, StageSettings, lr_factor
 
 __all__ = ["Stage", "check_choice"]
@@ -57,7 +58,15 @@ class Stage:
         check_choice(f"stage {self.name!r}'s optimizer", settings.optimizer, OPTIMIZERS)
         check_choice(f"stage {self.name!r}'s precision", settings.precision, PRECISIONS)
         self.settings = settings
+        #: The stage's generator: the shuffled order of every epoch (the same on every rank) and, in one
+        #: process, every other random draw.
         self.generator = torch.Generator().manual_seed(seed)
+        #: This process's place in a distributed run (`routerkit.training.distributed`; rank 0 of 1 alone).
+        self.dist = distributed()
+        #: Random draws per sample (augmentation, sampled actions): the stage's generator in one process,
+        #: a per-rank generator under torch.distributed (so the ranks' shuffled orders stay the same).
+        self.draws = self.dist.draws(seed) or self.generator
+        self._wrapped: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.modules: dict[str, nn.Module] = {}
         self._initial_lrs: dict[str, list[float]] = {}
@@ -67,6 +76,15 @@ class Stage:
     def run_epoch(self, epoch: int) -> dict[str, float]:
         """One epoch of training (0-based ``epoch``); returns the scalars to log."""
         raise NotImplementedError
+
+    def trainable(self, key: str, module: nn.Module) -> nn.Module:
+        """What a training step calls for ``module``: itself, or its ``DistributedDataParallel`` wrapper.
+
+        Use it for modules every rank runs on every step; the wrapper is made once per stage.
+        """
+        if key not in self._wrapped:
+            self._wrapped[key] = self.dist.wrap(module)
+        return self._wrapped[key]
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """Set the epoch's learning rates from ``settings.lr_schedule``, then `run_epoch`."""
@@ -99,12 +117,18 @@ class Stage:
         return 1
 
     def state_dict(self) -> dict[str, Any]:
-        """Modules, optimisers and the generator's state."""
-        return {
+        """Modules, optimisers and the generator's state (and every rank's generator of draws, when distributed).
+
+        Under torch.distributed every rank must call it (it gathers the ranks' generators).
+        """
+        state = {
             "modules": {k: m.state_dict() for k, m in self.modules.items()},
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "generator": self.generator.get_state(),
         }
+        if self.dist.enabled:
+            state["draws"] = self.dist.gather(self.draws.get_state())
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a `state_dict` (the optimisers' initial rates are kept for the schedule)."""
@@ -114,3 +138,6 @@ class Stage:
         for k, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][k])
         self.generator.set_state(state["generator"].to(torch.uint8))
+        draws = state.get("draws")
+        if self.dist.enabled and isinstance(draws, list) and len(draws) == self.dist.world_size:
+            self.draws.set_state(draws[self.dist.rank].to(torch.uint8))

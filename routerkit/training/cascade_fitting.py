@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from routerkit.data import Split
+from routerkit.data import BaseSplit
 from routerkit.functional import entropy, paid_cost, reinforce_loss, unit_mean, unit_mean_probs
 from routerkit.pipeline import RoutedPipeline
 from routerkit.rewards import AccuracyTerm
@@ -68,7 +68,7 @@ class CascadeFitting(Stage):
         pipeline: RoutedPipeline,
         router: Router,
         accuracy: AccuracyTerm,
-        data: Split,
+        data: BaseSplit,
         settings: StageSettings,
         seed: int,
         *,
@@ -104,7 +104,7 @@ class CascadeFitting(Stage):
         pipeline: RoutedPipeline,
         router: Router,
         accuracy: AccuracyTerm,
-        data: Split,
+        data: BaseSplit,
         num_classes: int,
         seed: int,
         ignore_index: int | None = None,
@@ -241,7 +241,7 @@ class JointCascadeTraining(Stage):
         pipeline: RoutedPipeline,
         router: Router,
         accuracy: AccuracyTerm,
-        data: Split,
+        data: BaseSplit,
         settings: StageSettings,
         seed: int,
         *,
@@ -282,7 +282,7 @@ class JointCascadeTraining(Stage):
         pipeline: RoutedPipeline,
         router: Router,
         accuracy: AccuracyTerm,
-        data: Split,
+        data: BaseSplit,
         seed: int,
         ignore_index: int | None = None,
         frozen: Collection[int] | None = None,

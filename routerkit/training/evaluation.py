@@ -58,7 +58,7 @@ def evaluate_experiment(exp: Experiment, run_dir: Path, console: Console | None 
         for r in results:
             r.against(frontier)
     write_results(run_dir, cfg.evaluation.split, results, exp.zoo.names)
-    if split.images.dim() == 4 and split.targets.dim() == 3 and split.images.shape[1] in (1, 3):
+    if len(split.input_shape) == 3 and len(split.target_shape) == 2 and split.input_shape[0] in (1, 3):
         from routerkit.plots import routing_overlay
 
         figure = routing_overlay(

@@ -11,14 +11,15 @@ from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from routerkit.data import Split
+from routerkit.data import BaseSplit
 from routerkit.functional import explore_exploit_sample
 from routerkit.pipeline import RoutedPipeline
 from routerkit.rewards import AccuracyTerm, Reward
 from routerkit.routers.paser import PaSeRRouter
 from routerkit.training.base import Stage, check_choice
+from routerkit.training.distributed import Method
 from routerkit.training.model_quality import recompute_bn_statistics
 from routerkit.training.pretraining import _ce, frozen_indices
 from routerkit.training.reinforce import BASELINES, importance_weights, policy_gradient_loss, reward_baseline
@@ -54,7 +55,7 @@ class JointFineTuning(Stage):
         router: PaSeRRouter,
         reward: Reward,
         accuracy: AccuracyTerm,
-        data: Split,
+        data: BaseSplit,
         settings: StageSettings,
         seed: int,
         *,
@@ -98,7 +99,7 @@ class JointFineTuning(Stage):
         router: PaSeRRouter,
         reward: Reward,
         accuracy: AccuracyTerm,
-        data: Split,
+        data: BaseSplit,
         seed: int,
         ignore_index: int | None = None,
         frozen: Collection[int] | None = None,
@@ -146,12 +147,14 @@ class JointFineTuning(Stage):
         alpha = linear_schedule(self.alpha_start, self.alpha_end, epoch, self.settings.epochs)
         zoo.base.eval()
         sums: dict[str, float] = {}
-        n = len(self.data)
-        for images, targets in self.data.batches(self.settings.batch_size, shuffle=True, generator=self.generator):
+        n, bs = len(self.data), self.settings.batch_size
+        batches = self.data.batches(bs, shuffle=True, generator=self.generator, shard=self.dist.part)
+        for step, (images, targets) in enumerate(batches):
+            total = min(bs, n - step * bs)
             base = self.pipeline.estimator(zoo.base, images)
             self.router.train()
-            logits = self.router.logits(base)
-            actions = explore_exploit_sample(logits, alpha, self.generator)
+            logits = self.trainable("router", Method(self.router, "logits"))(base)
+            actions = explore_exploit_sample(logits, alpha, self.draws)
             for i in sorted(self.frozen):
                 zoo[i].eval()  # no dropout draws, no batch-norm statistics updated
             for i in self.trained:
@@ -162,20 +165,31 @@ class JointFineTuning(Stage):
                             m.eval()
             units, unit_targets = part.split_inputs(images), part.split(targets)
             execution = self.pipeline.executor.run(units, actions, part.split(base.probs))
-            # Large models: cross-entropy on their units.
+            # Large models: cross-entropy on their units. Which units a model gets depends on the
+            # sampled actions, so under torch.distributed a rank may have none: its gradients are
+            # all-reduced by hand (DDP would wait for a forward that never comes), each rank's mean
+            # weighted by its share of the units all ranks routed to the model.
             logs: dict[str, float] = {}
-            for i, (idx, z) in execution.logits.items():
-                if i in self.frozen:
-                    continue
+            weight = 0.0 if self.dist.local_count(total) == 0 else 1.0  # a rank that only repeats an input
+            for i in self.trained:
                 key = zoo.names[i]
-                if self.large_on == "all":
-                    z = part.crop(zoo[i](units))
-                    idx = torch.arange(units.shape[0])
-                loss_i = _ce(z, unit_targets[idx], self.ignore_index)
+                z: Tensor | None = None
+                idx = torch.zeros(0, dtype=torch.long)
+                if i in execution.logits:  # the model answered units of this batch (on this rank)
+                    idx, z = execution.logits[i]
+                    if self.large_on == "all":
+                        z, idx = part.crop(zoo[i](units)), torch.arange(units.shape[0])
+                count = int(idx.numel()) * weight
+                routed = self.dist.all_sum(count)
+                if routed == 0:
+                    continue
                 self.optimizers[key].zero_grad(set_to_none=True)
-                loss_i.backward()
+                if z is not None and count:
+                    loss_i = _ce(z, unit_targets[idx], self.ignore_index)
+                    (loss_i * (count / routed if self.dist.enabled else 1.0)).backward()
+                    logs[f"losses/ce_{key}"] = float(loss_i.detach())
+                self.dist.sync_gradients(zoo[i].parameters())
                 self.optimizers[key].step()
-                logs[f"losses/ce_{key}"] = float(loss_i.detach())
             # Policy: REINFORCE on realised per-unit rewards.
             with torch.no_grad():
                 acc_chosen = self.accuracy(execution.unit_probs, unit_targets).reshape(actions.shape)
@@ -185,7 +199,7 @@ class JointFineTuning(Stage):
             baseline = reward_baseline(self.baseline, rewards, None)
             loss, pg_logs = policy_gradient_loss(logits, actions, rewards, baseline, self.credit, self.entropy_coef, weights)
             self.optimizers["router"].zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * self.dist.loss_scale(total)).backward()
             self.optimizers["router"].step()
             logs.update(pg_logs)
             logs["charts/mean_reward"] = float(rewards.mean())

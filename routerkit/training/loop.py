@@ -116,13 +116,16 @@ class TrainLog(Callback):
 class Checkpoints(Callback):
     """Checkpoints the models, the stage and the RNG states into ``run_dir/checkpoints``.
 
+    Under torch.distributed every rank runs it (the stage's state gathers every rank's generator of
+    draws) and only the one made with ``write`` (rank 0) writes.
+
     After every ``every``-th epoch and the last epoch of each stage (``<index>-<stage>-e<epoch>``),
     and once for a stage of 0 epochs (``<index>-<stage>-skipped``); the metadata says where a
     resume continues.
     """
 
-    def __init__(self, run_dir: Path, exp: Experiment, every: int) -> None:
-        self.run_dir, self.exp, self.every = Path(run_dir), exp, every
+    def __init__(self, run_dir: Path, exp: Experiment, every: int, write: bool = True) -> None:
+        self.run_dir, self.exp, self.every, self.write = Path(run_dir), exp, every, write
 
     def on_epoch_end(self, end: EpochEnd) -> None:
         if not end.complete and (end.epoch + 1) % self.every:
@@ -134,10 +137,13 @@ class Checkpoints(Callback):
             self._save(index, stage, "skipped", -1, True)
 
     def _save(self, index: int, stage: Stage, suffix: str, epoch: int, complete: bool) -> None:
+        stage_state = stage.state_dict()  # under torch.distributed every rank gathers; rank 0 writes
+        if not self.write:
+            return
         save_checkpoint(
             self.run_dir,
             f"{index}-{stage.name}-{suffix}",
-            {"model": model_state(self.exp), "stage": stage.state_dict(), "rng": global_rng_state()},
+            {"model": model_state(self.exp), "stage": stage_state, "rng": global_rng_state()},
             {"stage": stage.name, "stage_index": index, "epoch": epoch, "stage_complete": complete},
         )
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from routerkit.data import Split
+from routerkit.data import BaseSplit
 from routerkit.functional import confusion_counts, iou_from_confusion
 
 __all__ = ["Quality", "batch_norms", "model_quality", "recompute_bn_statistics"]
@@ -111,7 +111,7 @@ class Quality:
 def model_quality(
     forward: Callable[[Tensor], Tensor],
     model: nn.Module,
-    split: Split,
+    split: BaseSplit,
     num_classes: int,
     ignore_index: int | None = None,
     batch_size: int = 16,

@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from routerkit.data import Split
+from routerkit.data import BaseSplit, shard_of
 from routerkit.functional import explore_exploit_sample
 from routerkit.pipeline import RoutedPipeline
 from routerkit.rewards import AccuracyTerm, Reward
 from routerkit.routers.paser import PaSeRRouter
 from routerkit.training.base import Stage, check_choice
+from routerkit.training.distributed import Method
 from routerkit.training.reinforce import (
     BASELINES,
     CREDITS,
@@ -53,7 +54,7 @@ class _ReplayedPolicy(Stage):
         router: PaSeRRouter,
         reward: Reward,
         accuracy: AccuracyTerm,
-        data: Split,
+        data: BaseSplit,
         settings: StageSettings,
         seed: int,
         *,
@@ -94,10 +95,13 @@ class _ReplayedPolicy(Stage):
         """
         if self._cache is not None:
             return self._cache
-        if self._cache_rng is None:
+        if self._cache_rng is None and not self.dist.enabled:
             self._cache_rng = global_rng_state()
             self._cache = replay_cache(self.pipeline, self.accuracy, self.data, self.cache_batch)
         else:
+            if self._cache_rng is None:  # every rank builds the same table, from rank 0's generators
+                self._cache_rng = self.dist.broadcast(global_rng_state())
+            assert self._cache_rng is not None
             with torch.random.fork_rng(devices=[torch.cuda.current_device()] if "cuda" in self._cache_rng else []):
                 set_global_rng_state(self._cache_rng)
                 self._cache = replay_cache(self.pipeline, self.accuracy, self.data, self.cache_batch)
@@ -120,9 +124,11 @@ class _ReplayedPolicy(Stage):
         cache = self.build_cache()
         acc = cache.accuracy
         costs = self.pipeline.costs.to(acc.device)
+        total = int(idx.shape[0])
+        idx = shard_of(idx, self.dist.part)  # this rank's share of the global batch
         self.router.train()
-        logits = self.router.logits(cache.base.select(idx))
-        actions = explore_exploit_sample(logits, alpha, self.generator)
+        logits = self.trainable("router", Method(self.router, "logits"))(cache.base.select(idx))
+        actions = explore_exploit_sample(logits, alpha, self.draws)
         table = acc[idx]  # [B, P, A]
         all_rewards = self.reward(table, table[..., :1].expand_as(table), costs.expand_as(table), lam)
         rewards = all_rewards.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
@@ -134,7 +140,7 @@ class _ReplayedPolicy(Stage):
             baseline = reward_baseline(self.baseline, rewards, expected)
             loss, logs = policy_gradient_loss(logits, actions, rewards, baseline, self.credit, self.entropy_coef, weights)
         self.optimizers["router"].zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * self.dist.loss_scale(total)).backward()
         self.optimizers["router"].step()
         logs["charts/mean_reward"] = float(rewards.mean())
         return logs
@@ -183,7 +189,7 @@ class PolicyTraining(_ReplayedPolicy):
         router: PaSeRRouter,
         reward: Reward,
         accuracy: AccuracyTerm,
-        data: Split,
+        data: BaseSplit,
         seed: int,
         epochs: int | None = None,
         cache: UnitTable | None = None,
@@ -282,7 +288,7 @@ class PolicyFineTuning(_ReplayedPolicy):
         router: PaSeRRouter,
         reward: Reward,
         accuracy: AccuracyTerm,
-        data: Split,
+        data: BaseSplit,
         settings: StageSettings,
         seed: int,
         *,
@@ -334,7 +340,7 @@ class PolicyFineTuning(_ReplayedPolicy):
         router: PaSeRRouter,
         reward: Reward,
         accuracy: AccuracyTerm,
-        data: Split,
+        data: BaseSplit,
         seed: int,
         baseline: str,
         tvd_threshold: float | None = None,
@@ -424,7 +430,7 @@ class PolicyFineTuning(_ReplayedPolicy):
             before = copy.deepcopy(self.router.state_dict()), copy.deepcopy(self.optimizers["router"].state_dict())
             self.update(order[start : start + self.settings.batch_size], alpha, lam)
             tvd = total_variation(self._policy(cache.base), self.reference)
-            if tvd > self.tvd_threshold:
+            if self.dist.broadcast(tvd > self.tvd_threshold):  # every rank stops with rank 0
                 self.router.load_state_dict(before[0])
                 self.optimizers["router"].load_state_dict(before[1])
                 self.stopped = True
@@ -440,13 +446,13 @@ class PolicyFineTuning(_ReplayedPolicy):
 
 
 @torch.no_grad()
-def replay_cache(pipeline: RoutedPipeline, accuracy: AccuracyTerm, data: Split, batch_size: int = 16) -> UnitTable:
+def replay_cache(pipeline: RoutedPipeline, accuracy: AccuracyTerm, data: BaseSplit, batch_size: int = 16) -> UnitTable:
     """The replayed `UnitTable` of ``data`` for policy training, on the data's device.
 
     `routerkit.replay.build_unit_table` with the accuracy term's classes and ignore index.
     """
     from routerkit.replay import build_unit_table
 
-    device = data.images.device
+    device = data.device
     table = build_unit_table(pipeline, accuracy, data, accuracy.num_classes, batch_size, accuracy.ignore_index, device)
     return table.to(device)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from routerkit.data import Split
+from routerkit.data import BaseSplit
 from routerkit.pipeline import RoutedPipeline
 from routerkit.training.augment import _augment
 from routerkit.training.base import Stage
@@ -62,7 +62,7 @@ class PretrainChecks:
     """What a pre-training stage does after every epoch, per model it trains.
 
     Attributes:
-        validation: Split scored after every epoch (``None``: no validation, no best epoch).
+        validation: BaseSplit scored after every epoch (``None``: no validation, no best epoch).
         num_classes: Classes K of the task.
         precise_bn: Recompute exact batch-norm statistics on the stage's training data before
             scoring (see `routerkit.training.model_quality`); without it the running averages of a
@@ -75,9 +75,9 @@ class PretrainChecks:
             accuracy with batch statistics.
     """
 
-    validation: Split | None = None
+    validation: BaseSplit | None = None
     #: Per-model validation split by model key (specialists trained with ``train_on``: the matching inputs).
-    model_validation: dict[str, Split] = field(default_factory=dict)
+    model_validation: dict[str, BaseSplit] = field(default_factory=dict)
     num_classes: int = 0
     precise_bn: bool = True
     bn_batches: int | None = 4
@@ -87,7 +87,7 @@ class PretrainChecks:
 
     @classmethod
     def from_config(
-        cls, section: PretrainLargeConfig | PretrainBaseConfig, validation: Split | None, num_classes: int, batch_size: int
+        cls, section: PretrainLargeConfig | PretrainBaseConfig, validation: BaseSplit | None, num_classes: int, batch_size: int
     ) -> PretrainChecks:
         """The checks a ``training.pretrain_*`` section asks for (``precise_bn``, ``bn_batches``, ``keep_best``).
 
@@ -135,7 +135,7 @@ class _CheckedPretraining(Stage):
 
     def _score(self, quality: Quality) -> float:
         assert self.checks.validation is not None
-        return quality.accuracy if self.checks.validation.targets.dim() == 1 else quality.mean_iou
+        return quality.accuracy if self.checks.validation.is_classification else quality.mean_iou
 
     def check_models(
         self,
@@ -216,13 +216,13 @@ class LargeModelPretraining(_CheckedPretraining):
     def __init__(
         self,
         pipeline: RoutedPipeline,
-        data: Split,
+        data: BaseSplit,
         settings: StageSettings,
         seed: int,
         *,
         ignore_index: int | None = None,
         augment: bool = True,
-        model_data: dict[int, Split] | None = None,
+        model_data: dict[int, BaseSplit] | None = None,
         checks: PretrainChecks | None = None,
         frozen: Collection[int] | None = None,
     ) -> None:
@@ -250,10 +250,10 @@ class LargeModelPretraining(_CheckedPretraining):
         config: PretrainLargeConfig,
         *,
         pipeline: RoutedPipeline,
-        data: Split,
+        data: BaseSplit,
         seed: int,
         ignore_index: int | None = None,
-        model_data: dict[int, Split] | None = None,
+        model_data: dict[int, BaseSplit] | None = None,
         checks: PretrainChecks | None = None,
         epochs: int | None = None,
         frozen: Collection[int] | None = None,
@@ -295,21 +295,24 @@ class LargeModelPretraining(_CheckedPretraining):
             model.train()
             total, count = 0.0, 0
             data = self.model_data.get(i, self.data)
-            steps = -(-len(data) // self.settings.batch_size)
-            batches = data.batches(self.settings.batch_size, shuffle=True, generator=self.generator)
+            n, bs = len(data), self.settings.batch_size
+            steps = -(-n // bs)
+            step_model = self.trainable(key, model)  # DDP under torch.distributed
+            batches = data.batches(bs, shuffle=True, generator=self.generator, shard=self.dist.part)
             for step, (images, targets) in enumerate(batches):
                 if self.augment:
-                    images, targets = _augment(images, targets, self.generator)[:2]
+                    images, targets = _augment(images, targets, self.draws)[:2]
                 units, unit_targets = _memory_format(self.settings, part.split_inputs(images)), part.split(targets)
                 self.step_lr(key, epoch, step, steps)
                 with _autocast(self.settings, units):
-                    logits = part.crop(model(units))
+                    logits = part.crop(step_model(units))
                 loss = _ce(logits.float(), unit_targets, self.ignore_index)
                 self.optimizers[key].zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * self.dist.loss_scale(min(bs, n - step * bs))).backward()
                 self.optimizers[key].step()
-                total, count = total + float(loss.detach()) * len(images), count + len(images)
-            logs[f"losses/ce_{key}"] = total / max(count, 1)
+                local = self.dist.local_count(min(bs, n - step * bs))
+                total, count = total + float(loss.detach()) * local, count + local
+            logs[f"losses/ce_{key}"] = self.dist.all_sum(total) / max(self.dist.all_sum(count), 1)
         logs.update(self.check_models(epoch, [self._checked(i) for i in self.trained]))
         return logs
 
@@ -334,7 +337,7 @@ class BaseModelPretraining(_CheckedPretraining):
     def __init__(
         self,
         pipeline: RoutedPipeline,
-        data: Split,
+        data: BaseSplit,
         settings: StageSettings,
         seed: int,
         *,
@@ -361,7 +364,7 @@ class BaseModelPretraining(_CheckedPretraining):
         config: PretrainBaseConfig,
         *,
         pipeline: RoutedPipeline,
-        data: Split,
+        data: BaseSplit,
         seed: int,
         ignore_index: int | None = None,
         checks: PretrainChecks | None = None,
@@ -392,14 +395,22 @@ class BaseModelPretraining(_CheckedPretraining):
 
     @torch.no_grad()
     def teacher_logits(self) -> Tensor:
-        """Logits of the largest model ``f_m`` on D_PT (run on its units, stitched), computed once."""
+        """Logits of the largest model ``f_m`` on D_PT (run on its units, stitched), computed once.
+
+        Kept on the CPU in the pipeline's `~routerkit._storage.RowStore`: in memory, or memory-mapped on
+        disk when they exceed its budget (one ``[K, H, W]`` row per image of D_PT).
+        """
         if self._teacher is None:
             part, teacher = self.pipeline.partitioner, self.pipeline.zoo[len(self.pipeline.zoo) - 1]
             teacher.eval()
-            chunks = []
-            for images, _ in self.data.batches(self.teacher_batch):
-                chunks.append(part.stitch(part.crop(teacher(part.split_inputs(images))), images.shape[0]))
-            self._teacher = torch.cat(chunks)
+            out: Tensor | None = None
+            for idx, images, _ in self.data.index_batches(self.teacher_batch):
+                logits = part.stitch(part.crop(teacher(part.split_inputs(images))), images.shape[0])
+                if out is None:
+                    out = self.pipeline.row_store.allocate(len(self.data), {"t": (tuple(logits.shape[1:]), logits.dtype)})["t"]
+                out[idx] = logits.cpu()
+            assert out is not None
+            self._teacher = out
         return self._teacher
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
@@ -407,30 +418,30 @@ class BaseModelPretraining(_CheckedPretraining):
         teacher = self.teacher_logits() if self.beta > 0 else None
         model.train()
         totals = {"ce": 0.0, "kd": 0.0}
-        n = len(self.data)
-        order = torch.randperm(n, generator=self.generator)
-        steps = -(-n // self.settings.batch_size)
-        for step, start in enumerate(range(0, n, self.settings.batch_size)):
-            idx = order[start : start + self.settings.batch_size]
-            images, targets = self.data.images[idx], self.data.targets[idx]
-            extra: tuple[Tensor, ...] = (teacher[idx],) if teacher is not None else ()
+        n, bs = len(self.data), self.settings.batch_size
+        steps = -(-n // bs)
+        step_model = self.trainable("f0", model)  # DDP under torch.distributed
+        batches = self.data.index_batches(bs, shuffle=True, generator=self.generator, shard=self.dist.part)
+        for step, (idx, images, targets) in enumerate(batches):
+            extra: tuple[Tensor, ...] = (teacher[idx].to(images.device),) if teacher is not None else ()
             if self.augment:
-                images, targets, *rest = _augment(images, targets, self.generator, *extra)
+                images, targets, *rest = _augment(images, targets, self.draws, *extra)
                 extra = tuple(rest)
             images = _memory_format(self.settings, images)
             self.step_lr("f0", epoch, step, steps)
             with _autocast(self.settings, images):
-                logits = model(images)
+                logits = step_model(images)
             logits = logits.float()
             ce = _ce(logits, targets, self.ignore_index)
             kd = F.mse_loss(logits, extra[0]) if extra else logits.new_zeros(())
             loss = ce + self.beta * kd
             self.optimizers["f0"].zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * self.dist.loss_scale(min(bs, n - step * bs))).backward()
             self.optimizers["f0"].step()
-            totals["ce"] += float(ce.detach()) * len(idx)
-            totals["kd"] += float(kd.detach()) * len(idx)
-        logs = {"losses/ce_f0": totals["ce"] / n, "losses/kd_f0": totals["kd"] / n}
+            local = self.dist.local_count(min(bs, n - step * bs))
+            totals["ce"] += float(ce.detach()) * local
+            totals["kd"] += float(kd.detach()) * local
+        logs = {"losses/ce_f0": self.dist.all_sum(totals["ce"]) / n, "losses/kd_f0": self.dist.all_sum(totals["kd"]) / n}
         bn_inputs = lambda: (images for images, _ in self.data.batches(self.settings.batch_size))  # noqa: E731
         logs.update(self.check_models(epoch, [("f0", model, model, bn_inputs)]))
         if epoch == self.settings.epochs - 1 and self.checks.validation is not None:
@@ -445,7 +456,7 @@ class BaseModelPretraining(_CheckedPretraining):
         c, part, zoo = self.checks, self.pipeline.partitioner, self.pipeline.zoo
         if c.validation is None:
             return
-        metric = "accuracy" if c.validation.targets.dim() == 1 else "mean IoU"
+        metric = "accuracy" if c.validation.is_classification else "mean IoU"
         base_model = zoo.base
         for i in range(1, len(zoo)):
             model = zoo[i]

@@ -32,7 +32,7 @@ import torch
 from routerkit.config import ConfigError, ExperimentConfig
 from routerkit.config.build import Experiment
 from routerkit.config.checks import check_joint_cascade
-from routerkit.data import Split
+from routerkit.data import BaseSplit
 from routerkit.rewards import Reward
 from routerkit.routers import CascadeRouter, PaSeRRouter, Router
 from routerkit.training.base import Stage
@@ -165,7 +165,7 @@ def _checks(exp: Experiment, section: Any) -> PretrainChecks:
     return checks
 
 
-def model_training_data(exp: Experiment, index: int) -> Split:
+def model_training_data(exp: Experiment, index: int) -> BaseSplit:
     """D_PT, or the part of it selected by ``zoo.models[index].train_on`` (``{meta key: value}``)."""
     data, spec = exp.parts["pt"], exp.config.zoo.models[index].train_on
     if spec is None:

@@ -9,6 +9,7 @@ the run directory (`routerkit.training.run_dir`), what a checkpoint holds of the
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -22,10 +23,11 @@ from routerkit.config.build import Experiment, build_experiment
 from routerkit.metrics import EvalResult
 from routerkit.training.base import Stage
 from routerkit.training.checkpoint import load_checkpoint, read_latest, save_checkpoint
+from routerkit.training.distributed import distributed, setup_distributed, teardown_distributed
 from routerkit.training.evaluation import evaluate_experiment as evaluate_experiment  # re-exported: CLI, tests, docs
 from routerkit.training.evaluation import results_table as results_table
 from routerkit.training.evaluation import write_results as write_results
-from routerkit.training.loop import Checkpoints, ProgressBar, TrainLog, run_stages
+from routerkit.training.loop import Callback, Checkpoints, ProgressBar, TrainLog, run_stages
 from routerkit.training.recipe import build_stages, frozen_summary
 from routerkit.training.recipe import model_training_data as model_training_data  # re-exported: callers of the runner
 from routerkit.training.recipe import policy_stage as policy_stage
@@ -75,31 +77,47 @@ def train(
         if not (path / "config.yaml").exists():
             raise ConfigError(f"--resume {path}: not a run directory (no config.yaml).")
         cfg = trusted_run_config(path, trust_remote_code)
-    else:
-        path = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
-        if path.exists() and not path.is_dir():
-            raise ConfigError(f"Run directory {path} is a file; choose another --run-dir.")
-        path.mkdir(parents=True, exist_ok=True)
-    with RunLock(path):
+    dist = setup_distributed(cfg.run.device)  # under torchrun: join the group (gloo on the CPU, nccl on CUDA)
+    if dist.enabled:
+        if cfg.run.device.startswith("cuda"):  # one GPU per rank
+            cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"device": f"cuda:{dist.local_rank}"})})
+        if not dist.is_main:
+            console = Console(quiet=True)  # rank 0 prints, writes and evaluates
+    try:
         if resume is None:
-            prepare_new_run_dir(path, overwrite)
-        if cfg.run.threads:
-            torch.set_num_threads(cfg.run.threads)
-        t0 = time.perf_counter()
-        exp = build_experiment(cfg)  # a config or data error leaves no run behind to --overwrite
-        if resume is None:
-            # exp.config: cfg plus what the cost model measured here (latency), reused by every later load
-            write_run_files(path, exp.config, plugin_dirs, exp.data.spec)
-            if exp.config.cost != cfg.cost:
-                console.print(f"cost [cyan]{cfg.cost.name}[/cyan]: " + exp.pipeline.cost_model.describe(exp.zoo.names))
-        return _train_locked(exp, path, resume is not None, console, t0)
+            path = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
+            path = Path(dist.broadcast(str(path)))  # the run directory rank 0 chose
+            if path.exists() and not path.is_dir():
+                raise ConfigError(f"Run directory {path} is a file; choose another --run-dir.")
+            if dist.is_main:
+                path.mkdir(parents=True, exist_ok=True)
+        with RunLock(path) if dist.is_main else contextlib.nullcontext():
+            if resume is None and dist.is_main:
+                prepare_new_run_dir(path, overwrite)
+            if cfg.run.threads:
+                torch.set_num_threads(cfg.run.threads)
+            t0 = time.perf_counter()
+            exp = build_experiment(cfg)  # a config or data error leaves no run behind to --overwrite
+            if resume is None and dist.is_main:
+                # exp.config: cfg plus what the cost model measured here (latency), reused by every later load
+                write_run_files(path, exp.config, plugin_dirs, exp.data.spec)
+                if exp.config.cost != cfg.cost:
+                    console.print(f"cost [cyan]{cfg.cost.name}[/cyan]: " + exp.pipeline.cost_model.describe(exp.zoo.names))
+            return _train_locked(exp, path, resume is not None, console, t0)
+    finally:
+        teardown_distributed()
 
 
 def _resume_point(exp: Experiment, stages: list[Stage], path: Path, console: Console) -> tuple[int, int]:
-    """Load the latest checkpoint of a resumed run; return the first stage to run and its last finished epoch."""
+    """Load the latest checkpoint of a resumed run; return the first stage to run and its last finished epoch.
+
+    Under torch.distributed every rank loads the checkpoint; rank 0 alone truncates the log.
+    """
     log_path = path / "metrics" / "train_log.jsonl"
+    main = distributed().is_main
     if read_latest(path) is None:  # resumed before the first checkpoint: start again from scratch
-        truncate_log(log_path, -1, -1)
+        if main:
+            truncate_log(log_path, -1, -1)
         return 0, -1
     state, meta = load_checkpoint(path)
     load_model_state(exp, state.get("model"), checkpoint_file(path, None))
@@ -111,13 +129,16 @@ def _resume_point(exp: Experiment, stages: list[Stage], path: Path, console: Con
     if "rng" in state:  # dropout and MC-dropout draws continue where the interrupted run was
         set_global_rng_state(state["rng"])
     console.print(f"Resuming from checkpoint {read_latest(path)!r} (stage {meta['stage']}, epoch {meta['epoch']}).")
-    truncate_log(log_path, int(meta["stage_index"]), int(meta["epoch"]))
+    if main:
+        truncate_log(log_path, int(meta["stage_index"]), int(meta["epoch"]))
     return done_stage, done_epoch
 
 
 def _train_locked(exp: Experiment, path: Path, resuming: bool, console: Console, t0: float) -> tuple[Path, list[EvalResult]]:
     """The body of `train`, run while holding the run directory's lock."""
-    cfg = exp.config
+    cfg, dist = exp.config, distributed()
+    if dist.enabled:
+        console.print(f"torch.distributed: {dist.world_size} processes ({dist.backend}); each global batch is split across them")
     console.print(
         f"[bold]routerkit[/bold] run [cyan]{path}[/cyan]: {len(exp.data.train)} train "
         f"(D_PT {len(exp.parts['pt'])} / D_RL {len(exp.parts['rl'])} / D_FT {len(exp.parts['ft'])}), "
@@ -138,18 +159,21 @@ def _train_locked(exp: Experiment, path: Path, resuming: bool, console: Console,
         console=console,
         transient=False,
     ) as progress:
-        callbacks = [
-            TrainLog(path / "metrics" / "train_log.jsonl"),  # before the checkpoint: see routerkit.training.loop
-            Checkpoints(path, exp, cfg.run.checkpoint_every),
-            ProgressBar(progress, len(stages)),
-        ]
+        callbacks: list[Callback] = [Checkpoints(path, exp, cfg.run.checkpoint_every, write=dist.is_main)]
+        if dist.is_main:  # the log before the checkpoint: see routerkit.training.loop
+            callbacks = [TrainLog(path / "metrics" / "train_log.jsonl"), *callbacks, ProgressBar(progress, len(stages))]
         run_stages(stages, callbacks, start_stage, done_epoch)
+    if not dist.is_main:  # rank 0 saves the final weights and evaluates
+        dist.barrier()
+        return path, []
     save_checkpoint(
         path,
         "final",
         {"model": model_state(exp)},
         {"stage": "final", "stage_index": len(stages), "epoch": -1, "stage_complete": True},
     )
+    dist.barrier()
+    teardown_distributed()  # the evaluation runs in this process alone
     train_seconds = time.perf_counter() - t0
     results = evaluate_experiment(exp, path, console)
     if cfg.evaluation.compare:

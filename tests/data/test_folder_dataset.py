@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from routerkit.cli import app
-from routerkit.data import DATASETS, Split
+from routerkit.data import DATASETS, DataBundle, DatasetSplit, Split
+from routerkit.data.folder import FolderDataset, load_folder_split
 from routerkit.data.folder_dataset import fit_size, folder_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,3 +121,80 @@ def test_a_bundle_refuses_targets_outside_its_classes() -> None:
         DataBundle(ok, bad, ok, CLASSES)
     ignored = Split(torch.zeros(2, 1, 4, 4), torch.full((2, 4, 4), 255))
     DataBundle(ok, ignored, ok, CLASSES, ignore_index=255)  # the ignore index is fine
+
+
+# --- lazy splits (FolderDataset) -------------------------------------------------------------------------------------
+
+
+def _assert_same_splits(eager: DataBundle, lazy: DataBundle) -> None:
+    for name, split in lazy.splits().items():
+        assert isinstance(split, DatasetSplit) and len(split) == len(eager.splits()[name])
+        read, expected = split.materialize(), eager.splits()[name].materialize()
+        assert torch.equal(read.images, expected.images) and torch.equal(read.targets, expected.targets), name
+
+
+@pytest.mark.parametrize("params", [{}, {"size": [32, 48]}, {"size": [32, 56], "ignore_index": 255, "num_workers": 2}])
+def test_lazy_folder_bundle_reads_the_eager_tensors(scans: Path, params: dict[str, Any]) -> None:
+    eager = folder_dataset(str(scans), VALUE_MAP, CLASSES, **{k: v for k, v in params.items() if k != "num_workers"})
+    lazy = folder_dataset(str(scans), VALUE_MAP, CLASSES, lazy=True, **params)
+    assert lazy.input_shape == eager.input_shape and lazy.file_format == eager.file_format
+    _assert_same_splits(eager, lazy)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_lazy_standardize_streams_the_training_statistics(scans: Path, num_workers: int) -> None:
+    size, ignore = [32, 56], 255  # crop the height, pad the width
+    eager = folder_dataset(str(scans), VALUE_MAP, CLASSES, standardize=True, size=size, ignore_index=ignore)
+    lazy = folder_dataset(
+        str(scans), VALUE_MAP, CLASSES, standardize=True, size=size, ignore_index=ignore, lazy=True, num_workers=num_workers
+    )
+    mean, std = lazy.file_format.mean, lazy.file_format.std
+    assert mean is not None and std is not None and eager.file_format.mean is not None and eager.file_format.std is not None
+    # One float64 pass over the files gives the in-memory float32 statistics to within rounding.
+    np.testing.assert_allclose(mean, eager.file_format.mean, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(std, eager.file_format.std, rtol=0, atol=1e-5)
+    # With those statistics, each sample is exactly the eager path's: standardised first, then cropped / padded.
+    raw = folder_dataset(str(scans), VALUE_MAP, CLASSES)
+    m, s = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+    for name, split in raw.splits().items():
+        assert isinstance(split, Split)
+        expected = fit_size(Split((split.images - m) / s, split.targets), size, ignore)
+        read = lazy.splits()[name].materialize()
+        assert torch.equal(read.images, expected.images) and torch.equal(read.targets, expected.targets), name
+        torch.testing.assert_close(read.images, eager.splits()[name].materialize().images, rtol=0, atol=1e-4)
+    padded = lazy.train.materialize()  # 52 -> 56 columns: two on each side, zeros after standardising, ignored
+    assert (padded.targets[..., [0, 1, -2, -1]] == ignore).all() and not (padded.targets[..., 2:-2] == ignore).any()
+    assert float(padded.images[..., [0, 1, -2, -1]].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_bad_file_of_a_lazy_split_raises_the_eager_error_when_read(tmp_path: Path, workers: int) -> None:
+    write_scans(tmp_path, {"train": 3, "val": 3, "test": 3}, height=20, width=24)
+    (tmp_path / "val" / "images" / "s001.png").write_bytes(b"not a png")
+    Image.fromarray(np.zeros((18, 24), dtype=np.uint8)).save(tmp_path / "test" / "images" / "s002.png")
+    lazy = folder_dataset(str(tmp_path), VALUE_MAP, CLASSES, lazy=True, num_workers=workers)  # reads the first items
+    assert isinstance(lazy.val, DatasetSplit) and isinstance(lazy.test, DatasetSplit)
+    unreadable = r"Could not read image file .*s001\.png"
+    with pytest.raises(ValueError, match=unreadable):
+        lazy.val.materialize()
+    with pytest.raises(ValueError, match=unreadable):
+        folder_dataset(str(tmp_path), VALUE_MAP, CLASSES)  # the eager path names the same file
+    shape = r"shape \(C, H, W\) = \(1, 20, 24\) of 's000\.png' but .*s002\.png has \(1, 18, 24\)"
+    with pytest.raises(ValueError, match=shape):
+        list(lazy.test.batches(2))
+    with pytest.raises(ValueError, match=shape):
+        load_folder_split(tmp_path / "test" / "images", tmp_path / "test" / "masks", VALUE_MAP)
+    # Read alone (e.g. by a worker that never saw the first item), an item is still checked against the first image.
+    alone = FolderDataset(tmp_path / "test" / "images", tmp_path / "test" / "masks", VALUE_MAP)
+    with pytest.raises(ValueError, match=shape):
+        alone[2]
+    image, mask = alone[1]
+    assert image.shape == (1, 20, 24) and mask.dtype == torch.int64 and set(mask.unique().tolist()) <= {0, 1, 2}
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "2"])
+def test_the_folder_factory_refuses_a_bad_num_workers(scans: Path, bad: Any) -> None:
+    with pytest.raises(ValueError, match=r"data\.params\.num_workers to be an int >= 0"):
+        folder_dataset(str(scans), VALUE_MAP, CLASSES, lazy=True, num_workers=bad)
+    with pytest.raises(ValueError, match=r"data\.params\.lazy"):
+        folder_dataset(str(scans), VALUE_MAP, CLASSES, lazy="yes")  # type: ignore[arg-type]

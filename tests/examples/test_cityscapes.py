@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ EXAMPLES = ROOT / "examples"
 CONFIG = EXAMPLES / "cityscapes.yaml"
 sys.path.insert(0, str(EXAMPLES))
 
+import cityscapes_plugin  # noqa: E402
 from cityscapes_plugin import (  # noqa: E402
     CLASS_NAMES,
     IGNORE_INDEX,
@@ -31,7 +33,7 @@ from cityscapes_plugin import (  # noqa: E402
 from cityscapes_plugin.fixture import main as fixture_main  # noqa: E402
 
 from routerkit.config import load_config  # noqa: E402
-from routerkit.data import Split  # noqa: E402
+from routerkit.data import DatasetSplit, Split  # noqa: E402
 from routerkit.functional import confusion_counts, per_region_iou  # noqa: E402
 from routerkit.metrics import evaluate_router  # noqa: E402
 from routerkit.models import ToySegmenter, Zoo  # noqa: E402
@@ -159,6 +161,35 @@ def test_fixture_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     root = fixture_main([str(tmp_path / "cli"), "--images-per-city", "1", "--height", "16", "--width", "32"])
     assert "Wrote 6 synthetic Cityscapes images" in capsys.readouterr().out
     assert len(find_pairs(root, "train")) == 3 and len(find_pairs(root, "val")) == 3
+
+
+def test_lazy_build_data_reads_the_eager_tensors_only_when_batches_are_requested(
+    fixture_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    params = {"height": 64, "width": 128, "num_val": 1}  # resized from the 32 x 64 files: bilinear and nearest
+    eager = build_data(str(fixture_root), **params)
+    reads: list[Path] = []
+    load_pair = cityscapes_plugin.load_pair
+
+    def counted(image: Path, label: Path, *args: Any) -> tuple[np.ndarray, np.ndarray]:
+        reads.append(image)
+        return load_pair(image, label, *args)
+
+    monkeypatch.setattr(cityscapes_plugin, "load_pair", counted)
+    lazy = build_data(str(fixture_root), lazy=True, **params)
+    assert all(isinstance(split, DatasetSplit) for split in lazy.splits().values())
+    assert len(reads) <= 4  # the first item of each split (its shapes) and the first test label, nothing more
+    built = len(reads)
+    _, images, _ = next(lazy.test.index_batches(2))
+    assert images.shape == (2, 3, 64, 128) and len(reads) == built + 2
+    for name, split in lazy.splits().items():
+        read, expected = split.materialize(), eager.splits()[name].materialize()
+        assert torch.equal(read.images, expected.images) and torch.equal(read.targets, expected.targets), name
+    assert len(reads) == built + 2 + len(lazy.train) + len(lazy.val) + len(lazy.test)
+    two = build_data(str(fixture_root), lazy=True, num_workers=2, **params).train.materialize()
+    assert torch.equal(two.images, eager.train.images) and torch.equal(two.targets, eager.train.targets)
+    with pytest.raises(ValueError, match=r"data\.params\.num_workers"):
+        build_data(str(fixture_root), lazy=True, num_workers=-1, **params)
 
 
 # --- errors --------------------------------------------------------------------------------------------------------

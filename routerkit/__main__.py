@@ -1,0 +1,5 @@
+"""``python -m routerkit`` is the ``routerkit`` command (torchrun starts ranks this way: ``torchrun -m routerkit train``)."""
+
+from routerkit.cli import app
+
+app()

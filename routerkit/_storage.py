@@ -1,0 +1,103 @@
+"""Row stores: ``[N, ...]`` tensors kept in memory, or memory-mapped on disk when they would not fit.
+
+The replay cache (`routerkit.unit_table.UnitTable`) and the distillation targets of ``f_0`` hold one
+row per input of a split; for large inputs (Cityscapes at 512 x 1024: ``f_0``'s probabilities alone
+are 40 MB per image) they outgrow memory long before the data do. A `RowStore` allocates them
+through one decision per table: in memory while the whole table fits the budget, else in files
+mapped into memory (``torch.from_file(..., shared=True)``), which the operating system pages in
+and out. A mapped file is unlinked as soon as it is mapped: it takes disk space only while the
+tensor lives and leaves nothing behind, even after a crash. Values are bit-identical either way.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["RowStore", "available_memory_bytes"]
+
+
+def available_memory_bytes() -> int:
+    """Memory the operating system reports as available now (``MemAvailable``), or 4 GiB if unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+class RowStore:
+    """Allocates the ``[N, ...]`` tensors of one table, in memory or on disk.
+
+    Args:
+        memory_gb: Budget of a table in memory, GiB; a table larger than this goes to disk.
+            ``None``: half the memory available when the table is allocated. ``0``: always on disk.
+        directory: Folder of the mapped files (default: the system's temporary folder).
+
+    Attributes:
+        spilled: Whether the last table allocated went to disk.
+    """
+
+    def __init__(self, memory_gb: float | None = None, directory: str | Path | None = None) -> None:
+        if memory_gb is not None and (not isinstance(memory_gb, (int, float)) or isinstance(memory_gb, bool) or memory_gb < 0):
+            raise ValueError(f"Expected memory_gb to be a number >= 0 or None but got {memory_gb!r}.")
+        self.memory_gb = memory_gb
+        self.directory = None if directory is None else Path(os.path.expandvars(os.path.expanduser(str(directory))))
+        if self.directory is not None and self.directory.exists() and not self.directory.is_dir():
+            raise ValueError(f"Expected the spill directory {self.directory} to be a folder but it is a file.")
+        self.spilled = False
+
+    def budget_bytes(self) -> int:
+        """The in-memory budget of one table, bytes."""
+        if self.memory_gb is None:
+            return available_memory_bytes() // 2
+        return int(self.memory_gb * (1 << 30))
+
+    def allocate(self, rows: int, shapes: dict[str, tuple[Sequence[int], torch.dtype]]) -> dict[str, Tensor]:
+        """Uninitialised ``[rows, *shape]`` tensors, one per name, all in memory or all on disk.
+
+        Args:
+            rows: N, the first dimension of every tensor.
+            shapes: Name -> (shape of one row, dtype).
+
+        Returns:
+            Name -> tensor; ``spilled`` says where they live.
+        """
+        sizes = {k: (rows, *[int(d) for d in shape]) for k, (shape, _) in shapes.items()}
+        total = sum(math.prod(sizes[k]) * torch.empty((), dtype=dt).element_size() for k, (_, dt) in shapes.items())
+        self.spilled = total > self.budget_bytes()
+        if not self.spilled:
+            return {k: torch.empty(sizes[k], dtype=dt) for k, (_, dt) in shapes.items()}
+        return {k: self._mapped(sizes[k], dt) for k, (_, dt) in shapes.items()}
+
+    def _mapped(self, size: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        directory = self.directory
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+        numel = math.prod(size)
+        fd, path = tempfile.mkstemp(prefix="routerkit-rows-", suffix=".bin", dir=directory)
+        try:
+            os.close(fd)
+            if numel == 0:
+                return torch.empty(size, dtype=dtype)
+            tensor = torch.from_file(path, shared=True, size=numel, dtype=dtype)
+        except (OSError, RuntimeError) as err:
+            raise OSError(
+                f"Could not map a {numel * torch.empty((), dtype=dtype).element_size() / 2**30:.2f} GiB spill file in "
+                f"{directory or tempfile.gettempdir()}: {err}. Free disk space there or set run.cache_dir."
+            ) from err
+        finally:
+            os.unlink(path)  # the mapping stays valid; the disk space is freed when the tensor is
+        return tensor.view(size)

@@ -1,0 +1,229 @@
+"""Training under ``torch.distributed``: one process per device, each on its shard of every global batch.
+
+Started by ``torchrun --nproc-per-node N -m routerkit train CFG`` (or ``routerkit train CFG --nproc N``,
+which runs torchrun for you), every process runs the same stages on the same data with the same
+seeds. The shuffled order of an epoch is drawn from the stage's generator, identical on every rank;
+each global batch of ``batch_size`` inputs is then cut into one contiguous shard per rank
+(`routerkit.data.shard_of`, with `Distributed.part`), so N processes see together exactly the batches one process would.
+
+Gradients are all-reduced before every optimiser step:
+
+- by ``DistributedDataParallel`` for a module every rank runs on every step (the pre-trained
+  models, the policy network): `Distributed.wrap`;
+- by `Distributed.sync_gradients` for a model whose share of a batch depends on the routing
+  decisions (the joint fine-tune trains ``f_i`` only on the units routed to it, so a rank may run it
+  on none; a DDP forward would then wait for it forever).
+
+Either way a rank's loss is a mean over its shard scaled by `Distributed.loss_scale`, so the
+all-reduced gradient is that of the mean over the global batch, as in one process. Random draws
+per sample (augmentation, sampled actions) come from a per-rank generator (`Distributed.draws`).
+Rank 0 alone writes checkpoints, logs, tables and figures; the others only train.
+
+The backend is ``nccl`` when the run trains on CUDA and ``gloo`` on the CPU; the code path is the same.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["Distributed", "Method", "distributed", "launch_command", "setup_distributed", "teardown_distributed"]
+
+#: Salt of the per-rank generators of random draws (rank r draws from seed + r * _RANK_SALT).
+_RANK_SALT = 1_000_003
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """Where this process stands in a distributed run (one process: rank 0 of 1).
+
+    Attributes:
+        rank: This process's rank.
+        world_size: Processes in the run.
+        local_rank: Rank on this machine (its CUDA device index).
+        backend: ``"gloo"``, ``"nccl"`` or ``""`` (not distributed).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        """Whether more than one process trains."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes (rank 0)."""
+        return self.rank == 0
+
+    @property
+    def part(self) -> tuple[int, int] | None:
+        """``(rank, world_size)`` for `routerkit.data.BaseSplit.index_batches`, ``None`` in one process."""
+        return (self.rank, self.world_size) if self.enabled else None
+
+    def local_count(self, total: int) -> int:
+        """Inputs of a global batch of ``total`` that are this rank's (`routerkit.data.shard_of`; 0 if none)."""
+        if not self.enabled:
+            return total
+        return int(torch.tensor_split(torch.arange(total), self.world_size)[self.rank].numel())
+
+    def loss_scale(self, total: int) -> float:
+        """Factor of this rank's mean loss so that DDP's averaged gradient is the mean over the global batch.
+
+        DDP averages gradients over ranks; ``mean_local * local * world / total`` averaged over the
+        ranks is the mean over all ``total`` inputs (0 for a rank that only repeats an input).
+        """
+        if not self.enabled:
+            return 1.0
+        return self.local_count(total) * self.world_size / total if total else 0.0
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """``module`` in ``DistributedDataParallel`` (itself when not distributed).
+
+        The wrapper shares the module's parameters; call it (not the module) in the training step.
+        """
+        if not self.enabled:
+            return module
+        if not any(p.requires_grad for p in module.parameters()):
+            return module
+        device_ids = [self.local_rank] if self.backend == "nccl" else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+
+    def sync_gradients(self, parameters: Iterable[nn.Parameter]) -> None:
+        """All-reduce (sum) the gradients of ``parameters`` over the ranks; a missing gradient counts as zero.
+
+        Every rank must call it for the same parameters, in the same order, also when it computed
+        no gradient for them. Scale each rank's loss by `loss_scale` with the step's summed counts
+        (`all_sum`) so that the sum is the global mean's gradient.
+        """
+        if not self.enabled:
+            return
+        params = [p for p in parameters if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for p, g in zip(params, grads, strict=True):
+            n = g.numel()
+            p.grad = flat[offset : offset + n].view_as(g).clone()
+            offset += n
+
+    def all_sum(self, value: float) -> float:
+        """``value`` summed over the ranks (itself when not distributed)."""
+        if not self.enabled:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self._device())
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def draws(self, seed: int) -> torch.Generator | None:
+        """A per-rank generator for random draws per sample, or ``None`` (use the stage's own) in one process."""
+        if not self.enabled:
+            return None
+        return torch.Generator().manual_seed((int(seed) + self.rank * _RANK_SALT) % (2**63))
+
+    def gather(self, obj: Any) -> list[Any]:
+        """``obj`` of every rank, in rank order (``[obj]`` when not distributed)."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+        if self.enabled:
+            dist.barrier()
+
+    def _device(self) -> torch.device:
+        return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
+
+
+class Method(nn.Module):
+    """``module.<method>`` as a module's ``forward``, for wrapping in DDP (e.g. a router's ``logits``)."""
+
+    def __init__(self, module: nn.Module, method: str) -> None:
+        super().__init__()
+        self.inner, self.method = module, method
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.inner, self.method)(*args, **kwargs)
+
+
+_CURRENT = Distributed()
+
+
+def distributed() -> Distributed:
+    """This process's `Distributed` (rank 0 of 1 unless `setup_distributed` joined a group)."""
+    return _CURRENT
+
+
+def setup_distributed(device: str) -> Distributed:
+    """Join the process group torchrun described in the environment (``WORLD_SIZE`` > 1), once.
+
+    Args:
+        device: The run's device (``run.device``): ``cuda`` selects the ``nccl`` backend and this
+            rank's GPU (``cuda:LOCAL_RANK``), anything else ``gloo``.
+
+    Returns:
+        The process's `Distributed`; rank 0 of 1 when not started by torchrun.
+
+    Raises:
+        ValueError: The environment names a world but not this process's rank.
+    """
+    global _CURRENT
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _CURRENT
+    if _CURRENT.enabled:
+        return _CURRENT
+    try:
+        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+    except (KeyError, ValueError) as err:
+        raise ValueError(
+            f"Expected RANK (and LOCAL_RANK) in the environment of a distributed run (WORLD_SIZE={world}), as "
+            "torchrun sets them; start it with `torchrun --nproc-per-node N -m routerkit train CFG`."
+        ) from err
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    _CURRENT = Distributed(rank, world, local, backend)
+    return _CURRENT
+
+
+def teardown_distributed() -> None:
+    """Leave the process group (after the last collective)."""
+    global _CURRENT
+    if _CURRENT.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+    _CURRENT = Distributed()
+
+
+def launch_command(nproc: int, argv: Iterator[str] | list[str]) -> list[str]:
+    """The torchrun command that runs ``routerkit <argv>`` in ``nproc`` processes on this machine."""
+    import sys
+
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={int(nproc)}"]
+    return [*run, "-m", "routerkit", *argv]
