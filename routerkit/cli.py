@@ -101,8 +101,13 @@ def train(
     from routerkit.config import ConfigError
     from routerkit.training.runner import train as run_train
 
-    if nproc > 1:
-        _launch_distributed(nproc)
+    if nproc > 1:  # the same command in nproc processes, under torchrun
+        argv = ["train"] + ([str(config)] if config is not None else [])
+        argv += [a for item in overrides or [] for a in ("-s", item)]
+        argv += ["--resume", str(resume)] if resume is not None else []
+        argv += ["--run-dir", str(run_dir)] if run_dir is not None else []
+        argv += ["--trust-remote-code"] * trust_remote_code + ["--overwrite"] * overwrite
+        _launch_distributed(nproc, argv)
         return
 
     if resume is not None:
@@ -137,24 +142,14 @@ def train(
         console.print(f"Run directory: [cyan]{path}[/cyan]  (re-evaluate with: routerkit evaluate {path})")
 
 
-def _launch_distributed(nproc: int) -> None:
-    """Run this ``routerkit train`` command again under torchrun in ``nproc`` processes; exit with its status."""
-    import os
+def _launch_distributed(nproc: int, argv: list[str]) -> None:
+    """Run ``routerkit <argv>`` under torchrun in ``nproc`` processes on this machine; exit with its status."""
     import subprocess
-    import sys
 
     from routerkit.training.distributed import launch_command
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _fail("--nproc under torchrun: torchrun already started the processes; drop --nproc.")
-    argv, skip = [], False
-    for arg in sys.argv[1:]:  # the same command line, less --nproc
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            argv.append(arg)
     command = launch_command(nproc, argv)
     console.print(f"torchrun: {nproc} processes", soft_wrap=True)
     raise typer.Exit(subprocess.call(command))

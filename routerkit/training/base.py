@@ -14,7 +14,16 @@ import torch
 from torch import nn
 
 from routerkit.training.distributed import distributed
-from routerkit.training.schedules import LR_SCHEDULES, OPTIMIZERS, PER_STEP_SCHEDULES, PRECISIONS, StageSettings, lr_factor
+from routerkit.training.schedules import (
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    PER_STEP_SCHEDULES,
+    PRECISIONS,
+    StageSettings,
+    global_rng_state,
+    lr_factor,
+    set_global_rng_state,
+)
 
 __all__ = ["Stage", "check_choice"]
 
@@ -76,6 +85,15 @@ class Stage:
     def run_epoch(self, epoch: int) -> dict[str, float]:
         """One epoch of training (0-based ``epoch``); returns the scalars to log."""
         raise NotImplementedError
+
+    def same_global_rng(self) -> None:
+        """Under torch.distributed, give every rank rank 0's global generator states (no-op in one process).
+
+        For work every rank repeats and that must come out the same everywhere (a replay table's
+        MC-dropout draws before a fit that every rank runs whole).
+        """
+        if self.dist.enabled:
+            set_global_rng_state(self.dist.broadcast(global_rng_state()))
 
     def trainable(self, key: str, module: nn.Module) -> nn.Module:
         """What a training step calls for ``module``: itself, or its ``DistributedDataParallel`` wrapper.

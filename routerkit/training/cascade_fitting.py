@@ -144,6 +144,7 @@ class CascadeFitting(Stage):
         from routerkit.training.fitters import cascade_fitter
 
         device = next(iter(self.pipeline.zoo.parameters())).device
+        self.same_global_rng()  # under torch.distributed every rank fits the same cascade on the same table
         table = build_unit_table(
             self.pipeline, self.accuracy, self.data, self.num_classes, self.settings.batch_size, self.ignore_index, device
         )
@@ -378,7 +379,7 @@ class JointCascadeTraining(Stage):
                 uncertainty = entropy(probs)
             if t < num_models - 1:
                 logits = router.stop_logits(t, unit_mean_probs(probs), unit_mean(uncertainty))
-                stop = torch.rand(logits.shape, generator=self.generator).to(device) < torch.sigmoid(logits.detach())
+                stop = torch.rand(logits.shape, generator=self.draws).to(device) < torch.sigmoid(logits.detach())
                 chosen = torch.where(stop, nn.functional.logsigmoid(logits), nn.functional.logsigmoid(-logits))
                 log_pi = log_pi.index_add(0, reached, chosen)
             else:
@@ -390,7 +391,7 @@ class JointCascadeTraining(Stage):
                 nll = -lp.gather(1, tg.unsqueeze(1)).squeeze(1)
                 unit_loss = unit_loss.index_add(0, idx, _unit_masked_mean(nll, vd))
                 if self.loss == "acc":
-                    drawn = _sample_classes(lp.exp(), self.generator)
+                    drawn = _sample_classes(lp.exp(), self.draws)
                     picked = lp.gather(1, drawn.unsqueeze(1)).squeeze(1) * vd.to(lp.dtype)
                     log_c = log_c.index_add(0, idx, picked.flatten(1).sum(1) if picked.dim() > 1 else picked)
                     onehot = nn.functional.one_hot(drawn, lp.shape[1]).movedim(-1, 1).float()
@@ -423,21 +424,27 @@ class JointCascadeTraining(Stage):
         zoo = self.pipeline.zoo
         device = next(iter(zoo.parameters())).device
         sums: dict[str, float] = {}
-        for images, targets in self.data.batches(self.settings.batch_size, shuffle=True, generator=self.generator):
+        n, bs = len(self.data), self.settings.batch_size
+        batches = self.data.batches(bs, shuffle=True, generator=self.generator, shard=self.dist.part)
+        for step, (images, targets) in enumerate(batches):
             images, targets = images.to(device), targets.to(device)
             self._set_modes()
             objective, logs = self.batch_objective(images, targets)
             for optimizer in self.optimizers.values():
                 optimizer.zero_grad(set_to_none=True)
-            objective.backward()
+            # Which units reach a classifier depends on the sampled stops, so a rank may run one on none:
+            # gradients are all-reduced by hand (summed), each rank's mean weighted by its share of the batch.
+            total = min(bs, n - step * bs)
+            (objective * (self.dist.local_count(total) / total if self.dist.enabled else 1.0)).backward()
             for optimizer in self.optimizers.values():
+                self.dist.sync_gradients(p for group in optimizer.param_groups for p in group["params"])
                 optimizer.step()
             logs["losses/objective"] = float(objective.detach())
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v * images.shape[0]
         zoo.eval()
         self.router.eval()
-        out = {k: v / len(self.data) for k, v in sums.items()}
+        out = {k: v / len(self.data) for k, v in self.dist.sum_by_key(sums).items()}  # every rank's inputs
         if self.score_split and epoch == self.settings.epochs - 1:  # the greedy cascade, as CascadeFitting reports it
             out.update(self._greedy_scores(device))
         return out
@@ -446,6 +453,7 @@ class JointCascadeTraining(Stage):
     def _greedy_scores(self, device: torch.device) -> dict[str, float]:
         from routerkit.replay import build_unit_table
 
+        self.same_global_rng()
         table = build_unit_table(
             self.pipeline,
             self.accuracy,

@@ -128,6 +128,16 @@ class Distributed:
         dist.all_reduce(t)
         return float(t.item())
 
+    def sum_by_key(self, values: dict[str, float]) -> dict[str, float]:
+        """``values`` summed key by key over the ranks (a key a rank lacks counts as 0)."""
+        if not self.enabled:
+            return dict(values)
+        out: dict[str, float] = {}
+        for part in self.gather(values):
+            for key, value in part.items():
+                out[key] = out.get(key, 0.0) + float(value)
+        return out
+
     def draws(self, seed: int) -> torch.Generator | None:
         """A per-rank generator for random draws per sample, or ``None`` (use the stage's own) in one process."""
         if not self.enabled:

@@ -205,7 +205,7 @@ class JointFineTuning(Stage):
             logs["charts/mean_reward"] = float(rewards.mean())
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v * images.shape[0]
-        out = {k: v / n for k, v in sums.items()}
+        out = {k: v / n for k, v in self.dist.sum_by_key(sums).items()}  # every rank's inputs
         out["charts/alpha"] = alpha
         if not self.freeze_bn:  # the running averages saw only the skewed routed subsets: recompute them on D_FT
             for i in self.trained:

@@ -116,3 +116,21 @@ def test_a_killed_two_process_run_resumes_to_the_end(tmp_path: Path) -> None:
     log = [json.loads(line) for line in (run / "metrics" / "train_log.jsonl").read_text().splitlines()]
     epochs = [(r["stage"], r["epoch"]) for r in log if "warning" not in r]
     assert len(epochs) == len(set(epochs)) == 1 + 1 + 60 + 1  # every epoch once, none lost, none twice
+
+
+def test_the_optimal_stopping_cascade_fits_and_trains_jointly_in_two_processes(tmp_path: Path) -> None:
+    joint = [
+        "router.name=optimal_stopping",
+        "router.params={}",
+        "training.cascade.policy_epochs=2",
+        "training.cascade.joint=true",
+        "training.cascade.joint_epochs=2",
+        "training.cascade.joint_lr=0.01",
+        "evaluation.baselines=[]",
+    ]
+    run = _train(_overrides(*joint), 2, tmp_path, "joint")
+    log = [json.loads(line) for line in (run / "metrics" / "train_log.jsonl").read_text().splitlines()]
+    stages = [r["stage"] for r in log if "warning" not in r]
+    assert stages.count("fit_cascade") == 1 and stages.count("fit_cascade_joint") == 2
+    table = _table(run)
+    assert table and all(0.0 <= v <= 1.0 for v in table.values())
