@@ -119,7 +119,7 @@ def main() -> None:
         for per_city in args.sizes:
             root = make_fixture(work / f"fixture{per_city}", images_per_city=per_city, height=512, width=1024)
             train_images = 3 * per_city - 2  # 3 train cities, 2 carved out for validation
-            for lazy in ([True, False] if args.eager else [True]):
+            for lazy in [True, False] if args.eager else [True]:
                 run = work / f"run{per_city}{'lazy' if lazy else 'eager'}"
                 cmd = [sys.executable, "-m", "routerkit", "train", str(CONFIG), "--run-dir", str(run), "--overwrite"]
                 cmd += _overrides(root, train_images, lazy, args.cache_gb, args.workers)
