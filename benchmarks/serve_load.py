@@ -41,8 +41,6 @@ import contextlib
 import http.client
 import io
 import json
-import os
-import platform
 import re
 import socket
 import sys
@@ -55,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from _machine import machine_line
 
 from routerkit.deploy import RoutedModel
 from routerkit.routers.baselines import SingleModelRouter
@@ -134,20 +133,6 @@ class Row:
 
 
 # ------------------------------------------------------------------------------ the machine and the run
-
-
-def machine_line() -> str:
-    """CPU model, cores, torch version and intra-op threads, for the header."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return (
-        f"machine: {cpu} ({platform.machine()}) | {os.cpu_count()} cores | torch {torch.__version__} "
-        f"| threads {torch.get_num_threads()}"
-    )
 
 
 def load_parts(parser: argparse.ArgumentParser, run_dir: str, checkpoint: str | None, trust_remote_code: bool) -> RunModels:

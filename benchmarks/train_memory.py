@@ -16,13 +16,12 @@ process's ``/proc/<pid>/status`` every 20 ms:
 
 Usage:
     python benchmarks/train_memory.py [--sizes 4 16] [--cache-gb 0.25] [--eager] [--workers 0] [--keep DIR]
+        [--height 512] [--width 1024]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -73,14 +72,14 @@ def _run(cmd: list[str], cwd: Path) -> tuple[dict[str, float], float, str]:
     return peaks, seconds, tail
 
 
-def _overrides(root: Path, images: int, lazy: bool, cache_gb: float, workers: int) -> list[str]:
+def _overrides(root: Path, images: int, lazy: bool, cache_gb: float, workers: int, size: tuple[int, int]) -> list[str]:
     items = [
         f"data.params.root={root}",
-        "data.params.height=512",
-        "data.params.width=1024",
+        f"data.params.height={size[0]}",
+        f"data.params.width={size[1]}",
         f"data.params.num_train={images}",
         "data.params.num_val=2",
-        "data.params.num_test=4",
+        f"data.params.num_test={min(4, images)}",
         f"data.params.lazy={str(lazy).lower()}",
         f"data.params.num_workers={workers}",
         "partitioner.params={rows: 2, cols: 4}",
@@ -108,7 +107,11 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="also train with the splits in memory (no spilling)")
     parser.add_argument("--workers", type=int, default=0, help="data.params.num_workers of the lazy runs")
     parser.add_argument("--keep", type=Path, default=None, help="folder to keep the fixtures and runs in")
+    parser.add_argument("--height", type=int, default=512, help="image height (the check: 512)")
+    parser.add_argument("--width", type=int, default=1024, help="image width (the check: 1024)")
     args = parser.parse_args()
+    if min(args.sizes) < 2:
+        parser.error("--sizes: at least 2 images per city (3 train cities, 2 images carved out for validation)")
     sys.path.insert(0, str(ROOT / "examples"))
     from cityscapes_plugin.fixture import make_fixture
 
@@ -117,12 +120,12 @@ def main() -> None:
     rows = []
     try:
         for per_city in args.sizes:
-            root = make_fixture(work / f"fixture{per_city}", images_per_city=per_city, height=512, width=1024)
+            root = make_fixture(work / f"fixture{per_city}", images_per_city=per_city, height=args.height, width=args.width)
             train_images = 3 * per_city - 2  # 3 train cities, 2 carved out for validation
             for lazy in [True, False] if args.eager else [True]:
                 run = work / f"run{per_city}{'lazy' if lazy else 'eager'}"
                 cmd = [sys.executable, "-m", "routerkit", "train", str(CONFIG), "--run-dir", str(run), "--overwrite"]
-                cmd += _overrides(root, train_images, lazy, args.cache_gb, args.workers)
+                cmd += _overrides(root, train_images, lazy, args.cache_gb, args.workers, (args.height, args.width))
                 peaks, seconds, _ = _run(cmd, work)
                 rows.append((train_images, lazy, peaks, seconds))
                 shutil.rmtree(run, ignore_errors=True)
@@ -131,12 +134,11 @@ def main() -> None:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
 
-    import torch
+    from _machine import machine_line
 
-    cpu = platform.processor() or platform.machine()
-    print(f"machine: {cpu} | {os.cpu_count()} cores | torch {torch.__version__} | threads {torch.get_num_threads()}")
+    print(machine_line())
     print(
-        f"data: Cityscapes-layout fixture at 512 x 1024, 19 classes; lazy runs: data.params.lazy=true, "
+        f"data: Cityscapes-layout fixture at {args.height} x {args.width}, 19 classes; lazy runs: data.params.lazy=true, "
         f"num_workers {args.workers}, run.cache_memory_gb {args.cache_gb}; one epoch per stage, batch 2\n"
     )
     print("| train images | splits | peak RSS MiB (VmHWM) | peak anonymous MiB | peak file-backed MiB | seconds |")

@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def load_script(name: str) -> ModuleType:
     """``benchmarks/<name>.py`` as a module (``benchmarks/`` is not a package)."""
+    if str(ROOT / "benchmarks") not in sys.path:  # as when the script runs: its folder first (benchmarks/_machine.py)
+        sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
