@@ -288,6 +288,11 @@ class FinetuneConfig(OptimConfig):
     large_lr: Float | None = Field(None, gt=0, le=MAX_LR, description="Learning rate of the large models (default: lr).")
     large_on: Literal["routed", "all"] = "routed"
     freeze_bn: bool = Field(True, description="Keep the large models' batch-norm statistics fixed while fine-tuning.")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="'bf16': the large models' forward passes under torch.autocast in bfloat16 (weights, gradients, "
+        "the losses and the policy stay float32); for accelerators and CPUs with AVX-512 BF16 / AMX.",
+    )
     importance_weighting: bool = Field(True, description="Correct explore/exploit sampling with pi(a) / mu(a).")
     tvd_threshold: Float | None = Field(
         None,

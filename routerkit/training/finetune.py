@@ -164,7 +164,9 @@ class JointFineTuning(Stage):
                         if isinstance(m, nn.modules.batchnorm._BatchNorm):
                             m.eval()
             units, unit_targets = part.split_inputs(images), part.split(targets)
-            execution = self.pipeline.executor.run(units, actions, part.split(base.probs))
+            bf16 = torch.autocast(units.device.type, dtype=torch.bfloat16, enabled=self.settings.precision == "bf16")
+            with bf16:  # the large models' forwards (settings.precision); the losses are float32
+                execution = self.pipeline.executor.run(units, actions, part.split(base.probs))
             # Large models: cross-entropy on their units. Which units a model gets depends on the
             # sampled actions, so under torch.distributed a rank may have none: its gradients are
             # all-reduced by hand (DDP would wait for a forward that never comes), each rank's mean
@@ -178,14 +180,15 @@ class JointFineTuning(Stage):
                 if i in execution.logits:  # the model answered units of this batch (on this rank)
                     idx, z = execution.logits[i]
                     if self.large_on == "all":
-                        z, idx = part.crop(zoo[i](units)), torch.arange(units.shape[0])
+                        with bf16:
+                            z, idx = part.crop(zoo[i](units)), torch.arange(units.shape[0])
                 count = int(idx.numel()) * weight
                 routed = self.dist.all_sum(count)
                 if routed == 0:
                     continue
                 self.optimizers[key].zero_grad(set_to_none=True)
                 if z is not None and count:
-                    loss_i = _ce(z, unit_targets[idx], self.ignore_index)
+                    loss_i = _ce(z.float(), unit_targets[idx], self.ignore_index)
                     (loss_i * (count / routed if self.dist.enabled else 1.0)).backward()
                     logs[f"losses/ce_{key}"] = float(loss_i.detach())
                 self.dist.sync_gradients(zoo[i].parameters())

@@ -154,3 +154,28 @@ def test_unknown_optimizer_or_precision_is_refused() -> None:
         _classifier_stage(StageSettings(1, 0.1, 8, optimizer="lion"))
     with pytest.raises(ValueError, match="precision"):
         _classifier_stage(StageSettings(1, 0.1, 8, precision="fp8"))
+
+
+@pytest.mark.parametrize("large_on", ["routed", "all"])
+def test_bf16_finetune_runs_the_large_models_in_bfloat16_and_keeps_float32_weights(large_on: str) -> None:
+    from routerkit import PatchGrid
+    from routerkit.models import UNet
+    from routerkit.rewards import Correctness, PaSeRReward
+    from routerkit.routers import create_router
+    from routerkit.training.finetune import JointFineTuning
+
+    torch.manual_seed(0)
+    zoo = Zoo([UNet(1, 2, 1, 1, dropout=0.1), UNet(1, 2, 2, 1), UNet(1, 2, 3, 1)])
+    pipe = RoutedPipeline(zoo, PatchGrid(2, 2), "softmax_entropy", "param_share", (1, 8, 8))
+    images = torch.rand(8, 1, 8, 8)
+    data = Split(images, (images[:, 0] > 0.5).long())
+    router = create_router("paser", router_spec=pipe.router_spec(2, True), width=4)
+    seen: list[torch.dtype] = []
+    for i in (1, 2):
+        zoo[i].register_forward_hook(lambda m, i, out: seen.append(out.dtype) if m.training else None)
+    settings = StageSettings(2, 0.05, 4, precision="bf16")
+    stage = JointFineTuning(pipe, router, PaSeRReward(0.1), Correctness(2), data, settings, 0, large_on=large_on)  # type: ignore[arg-type]
+    logs = [stage.train_epoch(e) for e in range(2)]
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(math.isfinite(v) for row in logs for v in row.values())
+    assert all(p.dtype == torch.float32 for p in pipe.zoo.parameters()) and any(k.startswith("losses/ce_") for k in logs[0])
