@@ -88,8 +88,8 @@ def _overrides(root: Path, images: int, lazy: bool, cache_gb: float, workers: in
         "zoo.models.2={name: f2_unet, model: unet, params: {base_channels: 8, depth: 3}}",
         "zoo.models.0.params={base_channels: 2, depth: 3, dropout: 0.1, dropout_at: head}",
         "training.pretrain_large={epochs: 1, lr: 0.001, batch_size: 2}",
-        "training.pretrain_base={epochs: 1, lr: 0.01, batch_size: 2, beta: 0.01}",
-        "training.policy={epochs: 1, lr: 0.005, batch_size: 2}",
+        "training.pretrain_base={epochs: 1, lr: 0.01, batch_size: 2, beta: 0.01, teacher_batch: 2}",
+        "training.policy={epochs: 1, lr: 0.005, batch_size: 2, cache_batch: 2}",
         "training.finetune={epochs: 1, lr: 0.0005, batch_size: 2, large_lr: 0.0002, large_on: routed}",
         "evaluation.batch_size=2",
         "evaluation.baselines=[single]",
@@ -139,7 +139,7 @@ def main() -> None:
     print(machine_line())
     print(
         f"data: Cityscapes-layout fixture at {args.height} x {args.width}, 19 classes; lazy runs: data.params.lazy=true, "
-        f"num_workers {args.workers}, run.cache_memory_gb {args.cache_gb}; one epoch per stage, batch 2\n"
+        f"num_workers {args.workers}, run.cache_memory_gb {args.cache_gb}; one epoch per stage, every batch 2 inputs (training, replay cache, teacher logits, evaluation)\n"
     )
     print("| train images | splits | peak RSS MiB (VmHWM) | peak anonymous MiB | peak file-backed MiB | seconds |")
     print("|---|---|---|---|---|---|")

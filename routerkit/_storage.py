@@ -23,19 +23,43 @@ from torch import Tensor
 __all__ = ["RowStore", "available_memory_bytes"]
 
 
+def _cgroup_headroom() -> int | None:
+    """What the process's cgroup (a container's memory limit) still allows, if it sets one."""
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),  # v1
+    ):
+        try:
+            limit_text = Path(limit_file).read_text().strip()
+            if limit_text == "max":
+                return None
+            limit, usage = int(limit_text), int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit >= 1 << 60:  # v1's "no limit"
+            return None
+        return max(limit - usage, 0)
+    return None
+
+
 def available_memory_bytes() -> int:
-    """Memory the operating system reports as available now (``MemAvailable``), or 4 GiB if unknown."""
+    """Memory available now: the system's ``MemAvailable``, capped by a container's limit; 4 GiB if unknown."""
+    available: int | None = None
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    available = int(line.split()[1]) * 1024
+                    break
     except OSError:
         pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 4 << 30
+    if available is None:
+        try:
+            available = int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            available = 4 << 30
+    headroom = _cgroup_headroom()
+    return available if headroom is None else min(available, headroom)
 
 
 class RowStore:
@@ -43,7 +67,8 @@ class RowStore:
 
     Args:
         memory_gb: Budget of a table in memory, GiB; a table larger than this goes to disk.
-            ``None``: half the memory available when the table is allocated. ``0``: always on disk.
+            ``None``: half the memory available when the table is allocated, shared by the processes
+            of a distributed run on this machine (``LOCAL_WORLD_SIZE``). ``0``: always on disk.
         directory: Folder of the mapped files (default: the system's temporary folder).
 
     Attributes:
@@ -61,8 +86,8 @@ class RowStore:
 
     def budget_bytes(self) -> int:
         """The in-memory budget of one table, bytes."""
-        if self.memory_gb is None:
-            return available_memory_bytes() // 2
+        if self.memory_gb is None:  # every local rank of a distributed run builds its own tables
+            return available_memory_bytes() // 2 // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
         return int(self.memory_gb * (1 << 30))
 
     def allocate(self, rows: int, shapes: dict[str, tuple[Sequence[int], torch.dtype]]) -> dict[str, Tensor]:
@@ -87,17 +112,21 @@ class RowStore:
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
         numel = math.prod(size)
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
         fd, path = tempfile.mkstemp(prefix="routerkit-rows-", suffix=".bin", dir=directory)
         try:
-            os.close(fd)
             if numel == 0:
                 return torch.empty(size, dtype=dtype)
+            # Reserve the blocks now: a full disk is this clear error, not a SIGBUS when a page is first written.
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, nbytes)
             tensor = torch.from_file(path, shared=True, size=numel, dtype=dtype)
         except (OSError, RuntimeError) as err:
             raise OSError(
-                f"Could not map a {numel * torch.empty((), dtype=dtype).element_size() / 2**30:.2f} GiB spill file in "
-                f"{directory or tempfile.gettempdir()}: {err}. Free disk space there or set run.cache_dir."
+                f"Could not map a {nbytes / 2**30:.2f} GiB spill file in {directory or tempfile.gettempdir()}: {err}. "
+                "Free disk space there or set run.cache_dir to a folder on a disk with room."
             ) from err
         finally:
+            os.close(fd)
             os.unlink(path)  # the mapping stays valid; the disk space is freed when the tensor is
         return tensor.view(size)

@@ -261,6 +261,9 @@ class PretrainBaseConfig(_PretrainChecksConfig):
 
     beta: Float = Field(0.01, ge=0, description="Weight of the MSE distillation to the largest model's logits.")
     augment: bool = True
+    teacher_batch: Int = Field(
+        16, ge=1, description="Inputs per batch while the largest model's logits on D_PT are computed (once, for beta > 0)."
+    )
 
 
 class PolicyConfig(OptimConfig):
@@ -275,6 +278,11 @@ class PolicyConfig(OptimConfig):
     estimator: Literal["reinforce", "all_actions"] = Field(
         "reinforce", description="Sampled REINFORCE, or the exact expected-reward gradient over all replayed actions."
     )
+    cache_batch: Int = Field(
+        16,
+        ge=1,
+        description="Inputs per batch while the replay cache is built (every model on every unit: lower it for large inputs).",
+    )
 
 
 class FinetuneConfig(OptimConfig):
@@ -288,6 +296,9 @@ class FinetuneConfig(OptimConfig):
     large_lr: Float | None = Field(None, gt=0, le=MAX_LR, description="Learning rate of the large models (default: lr).")
     large_on: Literal["routed", "all"] = "routed"
     freeze_bn: bool = Field(True, description="Keep the large models' batch-norm statistics fixed while fine-tuning.")
+    cache_batch: Int = Field(
+        16, ge=1, description="With tvd_threshold: inputs per batch while the replay cache of D_FT is built."
+    )
     precision: Literal["fp32", "bf16"] = Field(
         "fp32",
         description="'bf16': the large models' forward passes under torch.autocast in bfloat16 (weights, gradients, "

@@ -270,6 +270,7 @@ class DatasetSplit(BaseSplit):
             raise ValueError(f"Expected num_workers to be an int >= 0 but got {num_workers!r}.")
         self.dataset, self.num_workers, self.name = dataset, num_workers, name
         self._device = torch.device(device)
+        self._pin_default = pin_memory is None
         self.pin_memory = self._device.type != "cpu" if pin_memory is None else bool(pin_memory)
         n = len(dataset)  # type: ignore[arg-type]
         self.meta = dict(meta or {})
@@ -277,9 +278,9 @@ class DatasetSplit(BaseSplit):
             if value.shape[0] != n:
                 raise ValueError(f"Expected meta[{key!r}] of the {name} split to have {n} rows but got {value.shape[0]}.")
         self._classes: tuple[int, int | None] | None = None
+        self._passes = 0
         if n == 0:
-            self._shapes: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
-            return
+            raise ValueError(f"Expected a non-empty Dataset for the {name} split but it has no item.")
         image, target = _as_sample(dataset[0], name, 0)
         self._shapes = (tuple(image.shape), tuple(target.shape))
         if image.dim() == 3 and target.dim() == 2 and image.shape[-2:] != target.shape:
@@ -306,37 +307,39 @@ class DatasetSplit(BaseSplit):
     def _like(self, dataset: Dataset[Any], meta: dict[str, Tensor], device: torch.device | None = None) -> DatasetSplit:
         out = DatasetSplit.__new__(DatasetSplit)
         out.dataset, out.num_workers, out.name, out.pin_memory = dataset, self.num_workers, self.name, self.pin_memory
+        out._pin_default = self._pin_default
         out._device = self._device if device is None else device
-        out.meta, out._classes, out._shapes = meta, self._classes, self._shapes
+        out.meta, out._classes, out._shapes, out._passes = meta, self._classes, self._shapes, 0
         return out
 
     def to(self, device: torch.device | str) -> DatasetSplit:
         device = torch.device(device)
         out = self._like(self.dataset, {k: v.to(device) for k, v in self.meta.items()}, device)
-        out.pin_memory = self.pin_memory or device.type != "cpu"
+        if self._pin_default:  # pin_memory not given: page-locked batches exactly when they go to an accelerator
+            out.pin_memory = device.type != "cpu"
         return out
 
     def subset(self, index: Tensor) -> DatasetSplit:
         rows = [int(i) for i in index.reshape(-1).tolist()]
         meta = {k: v[index.to(v.device)] for k, v in self.meta.items()}
-        out = self._like(Subset(self.dataset, rows), meta)
-        if not rows:
-            out._shapes = self._shapes
-        return out
+        return self._like(Subset(self.dataset, rows), meta)
 
     def check_targets(self, name: str, num_classes: int, ignore_index: int | None) -> None:
         """Targets are checked batch by batch as they are read (reading them all here would read the whole data set)."""
         self.name, self._classes = name, (num_classes, ignore_index)
 
-    def _loader(self, batches: list[list[int]]) -> DataLoader[Any]:
+    def _loader(self, batches: list[list[int]], shard: tuple[int, int] | None) -> DataLoader[Any]:
+        # The loader's own generator seeds its workers (random transforms of a Dataset): a new seed per pass and
+        # rank, and never a draw from the global generators (dropout, MC passes), which would change the run.
+        self._passes += 1
+        seed = self._passes * 1_000_003 + (shard[0] if shard else 0)
         return DataLoader(
             _Indexed(self.dataset, self.name, self._shapes),
             batch_sampler=batches,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             collate_fn=_collate,
-            # a private generator: the loader's worker seeds must not draw from the global RNG (dropout, MC passes)
-            generator=torch.Generator().manual_seed(0),
+            generator=torch.Generator().manual_seed(seed),
         )
 
     def index_batches(
@@ -350,7 +353,7 @@ class DatasetSplit(BaseSplit):
             raise ValueError(f"Expected batch_size >= 1 but got {batch_size}.")
         order = _order(len(self), shuffle, generator)
         plan = [shard_of(order[s : s + batch_size], shard).tolist() for s in range(0, len(self), batch_size)]
-        batches = iter(self._loader(plan))
+        batches = iter(self._loader(plan, shard))
         try:
             for idx, images, targets in batches:
                 if self._classes is not None:
@@ -369,8 +372,9 @@ class DatasetSplit(BaseSplit):
     def materialize(self, index: Tensor | None = None) -> Split:
         part = self if index is None else self.subset(index)
         chunks = list(part.index_batches(64))
-        if not chunks:
-            raise ValueError(f"Cannot materialize an empty selection of the {self.name} split.")
+        if not chunks:  # an empty selection: empty tensors of the split's shapes
+            empty = torch.empty((0, *self._shapes[0])), torch.empty((0, *self._shapes[1]), dtype=torch.long)
+            return Split(*empty, {k: v[:0] for k, v in part.meta.items()})
         images = torch.cat([c[1] for c in chunks])
         targets = torch.cat([c[2] for c in chunks])
         return Split(images, targets, dict(part.meta))

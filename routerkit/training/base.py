@@ -25,7 +25,12 @@ from routerkit.training.schedules import (
     set_global_rng_state,
 )
 
-__all__ = ["Stage", "check_choice"]
+__all__ = ["Stage", "check_choice", "valid_count"]
+
+
+def valid_count(targets: torch.Tensor, ignore_index: int | None) -> float:
+    """Pixels (or labels) of ``targets`` that a loss counts: all, less those equal to ``ignore_index``."""
+    return float(targets.numel() if ignore_index is None else int((targets != ignore_index).sum()))
 
 
 def check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
@@ -85,6 +90,18 @@ class Stage:
     def run_epoch(self, epoch: int) -> dict[str, float]:
         """One epoch of training (0-based ``epoch``); returns the scalars to log."""
         raise NotImplementedError
+
+    def valid_share(self, targets: torch.Tensor, ignore_index: int | None, total: int) -> float:
+        """Factor of this rank's mean loss over the valid pixels of ``targets`` (its share of a global batch of ``total``).
+
+        Under torch.distributed DDP averages the ranks' gradients; weighting each rank's mean by
+        ``world * its valid pixels / every rank's valid pixels`` makes that the mean over the global
+        batch's valid pixels, as in one process (an ignore index leaves unequal counts). 1 in one process.
+        """
+        if not self.dist.enabled:
+            return 1.0
+        mine = valid_count(targets, ignore_index) if self.dist.local_count(total) else 0.0
+        return mine * self.dist.world_size / max(self.dist.all_sum(mine), 1.0)
 
     def same_global_rng(self) -> None:
         """Under torch.distributed, give every rank rank 0's global generator states (no-op in one process).

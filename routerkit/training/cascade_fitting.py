@@ -262,6 +262,8 @@ class JointCascadeTraining(Stage):
         self.pipeline, self.accuracy, self.data = pipeline, accuracy, data
         self.router: OptimalStoppingCascade = router
         self.alpha, self.loss, self.ignore_index, self.score_split = alpha, loss, ignore_index, score_split
+        #: Whether this rank's share of the current batch counts (0: it only repeats an input; see `shard_of`).
+        self._share = 1.0
         zoo = pipeline.zoo
         self.frozen = frozen_indices(frozen, len(zoo))
         #: Zoo indices of the classifiers this stage trains (``1..m`` less the frozen ones).
@@ -405,7 +407,7 @@ class JointCascadeTraining(Stage):
         paid = paid_cost(final, costs, cascade=True)
         per_unit_loss = unit_loss.detach() if self.loss == "ce" else 1.0 - unit_acc
         reward = -per_unit_loss - self.alpha * paid
-        advantage = reward - reward_baseline("mean", reward)
+        advantage = reward - reward_baseline("mean", reward, mean=lambda r: self.dist.mean(r, self._share))
         if self.loss == "ce":
             objective = reinforce_loss(log_pi, advantage) + unit_loss.mean()
         else:
@@ -428,20 +430,21 @@ class JointCascadeTraining(Stage):
         batches = self.data.batches(bs, shuffle=True, generator=self.generator, shard=self.dist.part)
         for step, (images, targets) in enumerate(batches):
             images, targets = images.to(device), targets.to(device)
+            total = min(bs, n - step * bs)
+            self._share = float(self.dist.local_count(total) > 0)  # 0: this rank only repeats an input
             self._set_modes()
             objective, logs = self.batch_objective(images, targets)
             for optimizer in self.optimizers.values():
                 optimizer.zero_grad(set_to_none=True)
             # Which units reach a classifier depends on the sampled stops, so a rank may run one on none:
             # gradients are all-reduced by hand (summed), each rank's mean weighted by its share of the batch.
-            total = min(bs, n - step * bs)
             (objective * (self.dist.local_count(total) / total if self.dist.enabled else 1.0)).backward()
             for optimizer in self.optimizers.values():
                 self.dist.sync_gradients(p for group in optimizer.param_groups for p in group["params"])
                 optimizer.step()
             logs["losses/objective"] = float(objective.detach())
             for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v * images.shape[0]
+                sums[k] = sums.get(k, 0.0) + v * self.dist.local_count(total)
         zoo.eval()
         self.router.eval()
         out = {k: v / len(self.data) for k, v in self.dist.sum_by_key(sums).items()}  # every rank's inputs

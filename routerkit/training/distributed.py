@@ -24,19 +24,23 @@ The backend is ``nccl`` when the run trains on CUDA and ``gloo`` on the CPU; the
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import datetime
 import os
+import signal
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = ["Distributed", "Method", "distributed", "launch_command", "setup_distributed", "teardown_distributed"]
 
-#: Salt of the per-rank generators of random draws (rank r draws from seed + r * _RANK_SALT).
+#: Salt of the per-rank generators (rank r draws from seed + (r + 1) * _RANK_SALT: never the stage's own stream).
 _RANK_SALT = 1_000_003
 
 
@@ -109,9 +113,16 @@ class Distributed:
         if not self.enabled:
             return
         params = [p for p in parameters if p.requires_grad]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        if not grads:
+        if not params:
             return
+        # Which parameters have a gradient on some rank: one that none has keeps none, as in one process
+        # (an optimiser then skips it: no momentum, no weight decay, no step counted).
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.float64, device=self._device())
+        dist.all_reduce(has)
+        params = [p for p, h in zip(params, has.tolist(), strict=True) if h > 0]
+        if not params:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)
         offset = 0
@@ -128,6 +139,38 @@ class Distributed:
         dist.all_reduce(t)
         return float(t.item())
 
+    def mean(self, values: Tensor, weight: float = 1.0) -> Tensor:
+        """The mean of ``values`` over every rank's elements (``values.mean()`` in one process).
+
+        ``weight`` 0 leaves this rank's elements out (a rank that only repeats an input).
+        """
+        if not self.enabled:
+            return values.mean()
+        t = torch.stack([values.detach().sum().double() * weight, torch.tensor(values.numel() * weight, dtype=torch.float64)])
+        t = t.to(self._device())
+        dist.all_reduce(t)
+        return (t[0] / t[1].clamp_min(1.0)).to(values.dtype).to(values.device)
+
+    def split_global_rng(self) -> None:
+        """Give each rank its own stream of the global generators (dropout, MC-dropout passes), derived from the current one.
+
+        Called once the ranks agree on the global state (after building the experiment, after loading
+        a checkpoint); a no-op in one process.
+        """
+        if not self.enabled:
+            return
+        base = int(torch.randint(0, 2**62, (1,)).item())
+        torch.manual_seed((base + (self.rank + 1) * _RANK_SALT) % (2**63))
+
+    def broadcast_state(self, *modules: nn.Module) -> None:
+        """Give every rank rank 0's parameters and buffers of ``modules`` (in place)."""
+        if not self.enabled:
+            return
+        with torch.no_grad():
+            for module in modules:
+                for tensor in [*module.parameters(), *module.buffers()]:
+                    dist.broadcast(tensor.data, src=0)
+
     def sum_by_key(self, values: dict[str, float]) -> dict[str, float]:
         """``values`` summed key by key over the ranks (a key a rank lacks counts as 0)."""
         if not self.enabled:
@@ -142,7 +185,7 @@ class Distributed:
         """A per-rank generator for random draws per sample, or ``None`` (use the stage's own) in one process."""
         if not self.enabled:
             return None
-        return torch.Generator().manual_seed((int(seed) + self.rank * _RANK_SALT) % (2**63))
+        return torch.Generator().manual_seed((int(seed) + (self.rank + 1) * _RANK_SALT) % (2**63))
 
     def gather(self, obj: Any) -> list[Any]:
         """``obj`` of every rank, in rank order (``[obj]`` when not distributed)."""
@@ -214,13 +257,31 @@ def setup_distributed(device: str) -> Distributed:
             f"Expected RANK (and LOCAL_RANK) in the environment of a distributed run (WORLD_SIZE={world}), as "
             "torchrun sets them; start it with `torchrun --nproc-per-node N -m routerkit train CFG`."
         ) from err
+    if device.startswith("mps"):
+        raise ValueError("Expected run.device 'cpu' or 'cuda' for distributed training but got 'mps' (no backend for it).")
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local)
+    _die_with_launcher()
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
     _CURRENT = Distributed(rank, world, local, backend)
     return _CURRENT
+
+
+def _die_with_launcher() -> None:
+    """On Linux, have this rank terminated when its launcher (torchrun's agent) dies, however it dies.
+
+    torchrun stops its ranks when it is interrupted or terminated, but a launcher killed outright
+    would leave them training on, holding the run directory's lock.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the launcher died before the call
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def teardown_distributed() -> None:
@@ -233,7 +294,5 @@ def teardown_distributed() -> None:
 
 def launch_command(nproc: int, argv: Iterator[str] | list[str]) -> list[str]:
     """The torchrun command that runs ``routerkit <argv>`` in ``nproc`` processes on this machine."""
-    import sys
-
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={int(nproc)}"]
     return [*run, "-m", "routerkit", *argv]

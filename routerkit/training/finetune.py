@@ -8,6 +8,7 @@ sends it, with gradients. (The policy-only fine-tuning stopped at a TVD threshol
 from __future__ import annotations
 
 from collections.abc import Collection
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,7 +19,7 @@ from routerkit.functional import explore_exploit_sample
 from routerkit.pipeline import RoutedPipeline
 from routerkit.rewards import AccuracyTerm, Reward
 from routerkit.routers.paser import PaSeRRouter
-from routerkit.training.base import Stage, check_choice
+from routerkit.training.base import Stage, check_choice, valid_count
 from routerkit.training.distributed import Method
 from routerkit.training.model_quality import recompute_bn_statistics
 from routerkit.training.pretraining import _ce, frozen_indices
@@ -177,12 +178,17 @@ class JointFineTuning(Stage):
                 key = zoo.names[i]
                 z: Tensor | None = None
                 idx = torch.zeros(0, dtype=torch.long)
-                if i in execution.logits:  # the model answered units of this batch (on this rank)
-                    idx, z = execution.logits[i]
+                answered = i in execution.logits  # the model answered units of this batch (on this rank)
+                if self.dist.enabled and self.large_on == "all":  # on some rank: as one process decides per batch
+                    answered = self.dist.all_sum(float(answered)) > 0
+                if answered:
                     if self.large_on == "all":
                         with bf16:
                             z, idx = part.crop(zoo[i](units)), torch.arange(units.shape[0])
-                count = int(idx.numel()) * weight
+                    else:
+                        idx, z = execution.logits[i]
+                # each rank's mean loss weighted by its share of the (valid) pixels all ranks routed to the model
+                count = valid_count(unit_targets[idx], self.ignore_index) * weight if self.dist.enabled else float(idx.numel())
                 routed = self.dist.all_sum(count)
                 if routed == 0:
                     continue
@@ -199,7 +205,7 @@ class JointFineTuning(Stage):
                 acc_base = self.accuracy(part.split(base.probs), unit_targets).reshape(actions.shape)
                 rewards = self.reward(acc_chosen, acc_base, costs[actions])
             weights = importance_weights(logits, actions, alpha) if self.importance_weighting else None
-            baseline = reward_baseline(self.baseline, rewards, None)
+            baseline = reward_baseline(self.baseline, rewards, None, mean=partial(self.dist.mean, weight=weight))
             loss, pg_logs = policy_gradient_loss(logits, actions, rewards, baseline, self.credit, self.entropy_coef, weights)
             self.optimizers["router"].zero_grad(set_to_none=True)
             (loss * self.dist.loss_scale(total)).backward()
@@ -207,7 +213,7 @@ class JointFineTuning(Stage):
             logs.update(pg_logs)
             logs["charts/mean_reward"] = float(rewards.mean())
             for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v * images.shape[0]
+                sums[k] = sums.get(k, 0.0) + v * self.dist.local_count(total)
         out = {k: v / n for k, v in self.dist.sum_by_key(sums).items()}  # every rank's inputs
         out["charts/alpha"] = alpha
         if not self.freeze_bn:  # the running averages saw only the skewed routed subsets: recompute them on D_FT

@@ -24,10 +24,11 @@ from rich.progress import Progress, TaskID
 from routerkit.config.build import Experiment
 from routerkit.training.base import Stage
 from routerkit.training.checkpoint import save_checkpoint
+from routerkit.training.distributed import distributed
 from routerkit.training.schedules import global_rng_state
 from routerkit.training.weights import model_state
 
-__all__ = ["Callback", "Checkpoints", "EpochEnd", "ProgressBar", "TrainLog", "run_stages"]
+__all__ = ["Callback", "Checkpoints", "EpochEnd", "ProgressBar", "SyncRanks", "TrainLog", "run_stages"]
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,22 @@ class Checkpoints(Callback):
             {"model": model_state(self.exp), "stage": stage_state, "rng": global_rng_state()},
             {"stage": stage.name, "stage_index": index, "epoch": epoch, "stage_complete": complete},
         )
+
+
+class SyncRanks(Callback):
+    """Under torch.distributed, every rank takes rank 0's models at the end of each stage.
+
+    The ranks' parameters agree after every step (all-reduced gradients), but not necessarily what
+    each rank decides alone: batch-norm running statistics of its own shards, the best validation
+    epoch it restores, a cascade it fits. Rank 0's is what the checkpoint holds; the next stage
+    starts from it everywhere. A no-op in one process.
+    """
+
+    def __init__(self, exp: Experiment) -> None:
+        self.exp = exp
+
+    def on_stage_end(self, index: int, stage: Stage) -> None:
+        distributed().broadcast_state(self.exp.zoo, self.exp.router)
 
 
 class ProgressBar(Callback):

@@ -123,13 +123,14 @@ class _ReplayedPolicy(Stage):
         """One policy-gradient step on the replayed inputs ``idx`` (``lam`` overrides the reward's lambda)."""
         cache = self.build_cache()
         acc = cache.accuracy
-        costs = self.pipeline.costs.to(acc.device)
+        device = next(self.router.parameters()).device  # where the table is, unless it is spilled to disk
+        costs = self.pipeline.costs.to(device)
         total = int(idx.shape[0])
         idx = shard_of(idx, self.dist.part)  # this rank's share of the global batch
         self.router.train()
-        logits = self.trainable("router", Method(self.router, "logits"))(cache.base.select(idx))
+        logits = self.trainable("router", Method(self.router, "logits"))(cache.base.select(idx).to(device))
         actions = explore_exploit_sample(logits, alpha, self.draws)
-        table = acc[idx]  # [B, P, A]
+        table = acc[idx].to(device)  # [B, P, A]
         all_rewards = self.reward(table, table[..., :1].expand_as(table), costs.expand_as(table), lam)
         rewards = all_rewards.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
         expected = (torch.softmax(logits.detach(), -1) * all_rewards).sum(-1)
@@ -137,7 +138,8 @@ class _ReplayedPolicy(Stage):
             loss, logs = expected_reward_loss(logits, all_rewards, self.entropy_coef)
         else:
             weights = importance_weights(logits, actions, alpha) if self.importance_weighting else None
-            baseline = reward_baseline(self.baseline, rewards, expected)
+            weight = float(self.dist.local_count(total) > 0)
+            baseline = reward_baseline(self.baseline, rewards, expected, mean=lambda r: self.dist.mean(r, weight))
             loss, logs = policy_gradient_loss(logits, actions, rewards, baseline, self.credit, self.entropy_coef, weights)
         self.optimizers["router"].zero_grad(set_to_none=True)
         (loss * self.dist.loss_scale(total)).backward()
@@ -222,6 +224,7 @@ class PolicyTraining(_ReplayedPolicy):
             entropy_coef=config.entropy_coef,
             importance_weighting=config.importance_weighting,
             estimator=config.estimator,
+            cache_batch=config.cache_batch,
             cache=cache,
         )
 
@@ -276,6 +279,7 @@ class PolicyFineTuning(_ReplayedPolicy):
         credit: As in `PolicyTraining`.
         entropy_coef: Entropy bonus.
         importance_weighting: Correct explore/exploit sampling.
+        cache_batch: Inputs per batch when building the replay cache.
         cache: Prebuilt replay cache of ``data``.
         tvd_on: ``"decisions"`` or ``"probs"`` (see above).
     """
@@ -300,6 +304,7 @@ class PolicyFineTuning(_ReplayedPolicy):
         credit: str = "unit",
         entropy_coef: float = 0.0,
         importance_weighting: bool = True,
+        cache_batch: int = 16,
         cache: UnitTable | None = None,
         tvd_on: str = "probs",
     ) -> None:
@@ -317,6 +322,7 @@ class PolicyFineTuning(_ReplayedPolicy):
             credit=credit,
             entropy_coef=entropy_coef,
             importance_weighting=importance_weighting,
+            cache_batch=cache_batch,
             cache=cache,
         )
         if tvd_on not in ("decisions", "probs"):
@@ -384,6 +390,7 @@ class PolicyFineTuning(_ReplayedPolicy):
             credit=config.credit,
             entropy_coef=config.entropy_coef,
             importance_weighting=config.importance_weighting,
+            cache_batch=config.cache_batch,
             cache=cache,
             tvd_on=config.tvd_on,
         )
@@ -407,7 +414,12 @@ class PolicyFineTuning(_ReplayedPolicy):
 
     def _policy(self, base: BaseOutput) -> Tensor:
         """The policy as the TVD compares it: greedy decisions one-hot (``tvd_on="decisions"``) or its probabilities."""
-        probs = policy_probs(self.router, base)
+        device = next(self.router.parameters()).device
+        if base.probs.device == device:
+            probs = policy_probs(self.router, base)
+        else:  # a replay table spilled to disk: chunk by chunk on the router's device
+            n, bs = base.probs.shape[0], self.cache_batch
+            probs = torch.cat([policy_probs(self.router, base.select(slice(s, s + bs)).to(device)) for s in range(0, n, bs)])
         if self.tvd_on == "probs":
             return probs
         return torch.nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype)
@@ -455,4 +467,6 @@ def replay_cache(pipeline: RoutedPipeline, accuracy: AccuracyTerm, data: BaseSpl
 
     device = data.device
     table = build_unit_table(pipeline, accuracy, data, accuracy.num_classes, batch_size, accuracy.ignore_index, device)
+    if pipeline.row_store.spilled:  # memory-mapped: stays on the CPU; each batch goes to the device (`update`)
+        return table
     return table.to(device)

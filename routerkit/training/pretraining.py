@@ -308,7 +308,7 @@ class LargeModelPretraining(_CheckedPretraining):
                     logits = part.crop(step_model(units))
                 loss = _ce(logits.float(), unit_targets, self.ignore_index)
                 self.optimizers[key].zero_grad(set_to_none=True)
-                (loss * self.dist.loss_scale(min(bs, n - step * bs))).backward()
+                (loss * self.valid_share(unit_targets, self.ignore_index, min(bs, n - step * bs))).backward()
                 self.optimizers[key].step()
                 local = self.dist.local_count(min(bs, n - step * bs))
                 total, count = total + float(loss.detach()) * local, count + local
@@ -387,6 +387,7 @@ class BaseModelPretraining(_CheckedPretraining):
             beta=config.beta,
             ignore_index=ignore_index,
             augment=config.augment,
+            teacher_batch=config.teacher_batch,
             checks=checks,
         )
 
@@ -434,9 +435,13 @@ class BaseModelPretraining(_CheckedPretraining):
             logits = logits.float()
             ce = _ce(logits, targets, self.ignore_index)
             kd = F.mse_loss(logits, extra[0]) if extra else logits.new_zeros(())
-            loss = ce + self.beta * kd
             self.optimizers["f0"].zero_grad(set_to_none=True)
-            (loss * self.dist.loss_scale(min(bs, n - step * bs))).backward()
+            if self.dist.enabled:  # CE over the global batch's valid pixels, the distillation over its inputs
+                total = min(bs, n - step * bs)
+                loss = ce * self.valid_share(targets, self.ignore_index, total) + self.beta * kd * self.dist.loss_scale(total)
+            else:
+                loss = ce + self.beta * kd
+            loss.backward()
             self.optimizers["f0"].step()
             local = self.dist.local_count(min(bs, n - step * bs))
             totals["ce"] += float(ce.detach()) * local

@@ -8,6 +8,7 @@ fine-tuning.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -41,16 +42,20 @@ CREDITS = ("unit", "input")
 ESTIMATORS = ("reinforce", "all_actions")
 
 
-def reward_baseline(kind: str, rewards: Tensor, expected: Tensor | None = None) -> Tensor:
+def reward_baseline(
+    kind: str, rewards: Tensor, expected: Tensor | None = None, mean: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
     """The baseline subtracted from ``rewards``: zeros, their batch mean, or ``expected`` (see `BASELINES`).
 
-    ``"expected"`` without ``expected`` rewards falls back to the batch mean.
+    ``"expected"`` without ``expected`` rewards falls back to the batch mean. ``mean`` computes
+    that mean (default ``Tensor.mean``; under torch.distributed, the mean over every rank's share
+    of the batch: `routerkit.training.distributed.Distributed.mean`).
     """
     if kind == "none":
         return torch.zeros_like(rewards)
     if kind == "expected" and expected is not None:
         return expected
-    return rewards.mean().expand_as(rewards)
+    return (rewards.mean() if mean is None else mean(rewards)).expand_as(rewards)
 
 
 def importance_weights(logits: Tensor, actions: Tensor, alpha: float) -> Tensor:

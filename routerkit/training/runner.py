@@ -27,7 +27,7 @@ from routerkit.training.distributed import distributed, setup_distributed, teard
 from routerkit.training.evaluation import evaluate_experiment as evaluate_experiment  # re-exported: CLI, tests, docs
 from routerkit.training.evaluation import results_table as results_table
 from routerkit.training.evaluation import write_results as write_results
-from routerkit.training.loop import Callback, Checkpoints, ProgressBar, TrainLog, run_stages
+from routerkit.training.loop import Callback, Checkpoints, ProgressBar, SyncRanks, TrainLog, run_stages
 from routerkit.training.recipe import build_stages, frozen_summary
 from routerkit.training.recipe import model_training_data as model_training_data  # re-exported: callers of the runner
 from routerkit.training.recipe import policy_stage as policy_stage
@@ -97,7 +97,7 @@ def train(
             if cfg.run.threads:
                 torch.set_num_threads(cfg.run.threads)
             t0 = time.perf_counter()
-            exp = build_experiment(cfg)  # a config or data error leaves no run behind to --overwrite
+            exp = _build_on_every_rank(cfg)  # a config or data error leaves no run behind to --overwrite
             if resume is None and dist.is_main:
                 # exp.config: cfg plus what the cost model measured here (latency), reused by every later load
                 write_run_files(path, exp.config, plugin_dirs, exp.data.spec)
@@ -106,6 +106,22 @@ def train(
             return _train_locked(exp, path, resume is not None, console, t0)
     finally:
         teardown_distributed()
+
+
+def _build_on_every_rank(cfg: ExperimentConfig) -> Experiment:
+    """`build_experiment`; under torch.distributed rank 0 measures a ``latency`` cost model and the others reuse its numbers.
+
+    Each rank then draws dropout and MC-dropout masks from its own stream of the global generators.
+    """
+    dist = distributed()
+    if not dist.enabled:
+        return build_experiment(cfg)
+    exp = build_experiment(cfg) if dist.is_main else None
+    cost = dist.broadcast(exp.config.cost if exp is not None else None)
+    if exp is None:  # the same config as rank 0, with what it measured (nothing is measured again)
+        exp = build_experiment(cfg.model_copy(update={"cost": cost}))
+    dist.split_global_rng()
+    return exp
 
 
 def _resume_point(exp: Experiment, stages: list[Stage], path: Path, console: Console) -> tuple[int, int]:
@@ -128,6 +144,7 @@ def _resume_point(exp: Experiment, stages: list[Stage], path: Path, console: Con
         stages[done_stage].load_state_dict(state["stage"])
     if "rng" in state:  # dropout and MC-dropout draws continue where the interrupted run was
         set_global_rng_state(state["rng"])
+        distributed().split_global_rng()  # (rank 0's saved state: each rank derives its own stream from it)
     console.print(f"Resuming from checkpoint {read_latest(path)!r} (stage {meta['stage']}, epoch {meta['epoch']}).")
     if main:
         truncate_log(log_path, int(meta["stage_index"]), int(meta["epoch"]))
@@ -159,7 +176,7 @@ def _train_locked(exp: Experiment, path: Path, resuming: bool, console: Console,
         console=console,
         transient=False,
     ) as progress:
-        callbacks: list[Callback] = [Checkpoints(path, exp, cfg.run.checkpoint_every, write=dist.is_main)]
+        callbacks: list[Callback] = [SyncRanks(exp), Checkpoints(path, exp, cfg.run.checkpoint_every, write=dist.is_main)]
         if dist.is_main:  # the log before the checkpoint: see routerkit.training.loop
             callbacks = [TrainLog(path / "metrics" / "train_log.jsonl"), *callbacks, ProgressBar(progress, len(stages))]
         run_stages(stages, callbacks, start_stage, done_epoch)

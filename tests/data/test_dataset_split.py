@@ -120,3 +120,20 @@ def test_classification_items_with_python_labels() -> None:
     assert lazy.is_classification and lazy.target_shape == ()
     x, y = next(lazy.batches(5))
     assert x.shape == (5, 3) and torch.equal(y, torch.tensor([0, 1, 0, 1, 0]))
+
+
+def test_empty_datasets_are_refused_and_an_empty_selection_materializes_empty() -> None:
+    with pytest.raises(ValueError, match="non-empty Dataset for the val split"):
+        DatasetSplit([], name="val")
+    images, targets = _data()
+    lazy = DatasetSplit(Pairs(images, targets), meta={"g": torch.arange(10)})
+    empty = lazy.subset(torch.zeros(0, dtype=torch.long)).materialize()
+    assert empty.images.shape == (0, 2, 4, 6) and empty.targets.shape == (0, 4, 6) and empty.meta["g"].shape == (0,)
+    assert len(lazy.take(0)) == 0
+
+
+def test_pin_memory_follows_the_device_unless_given() -> None:
+    images, targets = _data()
+    auto, off = DatasetSplit(Pairs(images, targets)), DatasetSplit(Pairs(images, targets), pin_memory=False)
+    assert not auto.pin_memory and auto.to("meta").pin_memory and not auto.to("meta").to("cpu").pin_memory
+    assert not off.to("meta").pin_memory

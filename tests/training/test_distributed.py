@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -85,9 +86,32 @@ def test_two_process_run_matches_one_process_and_rank_0_alone_writes(tmp_path: P
     assert (two / "checkpoints" / "final.safetensors").exists()
 
 
+def _kill_all(marker: str) -> None:
+    """SIGKILL every process whose command line names ``marker``, and wait until none is left."""
+    deadline = time.monotonic() + 30
+    while True:
+        alive = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            with contextlib.suppress(OSError):
+                if (
+                    marker in (entry / "cmdline").read_bytes().decode(errors="replace")
+                    and (entry / "stat").read_text().split()[2] != "Z"
+                ):
+                    alive.append(int(entry.name))
+        if not alive:
+            return
+        for pid in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert time.monotonic() < deadline, f"processes {alive} survived SIGKILL"
+        time.sleep(0.05)
+
+
 def test_a_killed_two_process_run_resumes_to_the_end(tmp_path: Path) -> None:
     run = tmp_path / "killed"
-    args = _overrides("training.policy.epochs=60")
+    args = _overrides("training.policy.epochs=400")  # a long stage to be killed in
     cmd = [sys.executable, "-m", "routerkit", "train", *args, "--run-dir", str(run), "--nproc", "2"]
     proc = subprocess.Popen(
         cmd, env=_env(), cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -97,10 +121,11 @@ def test_a_killed_two_process_run_resumes_to_the_end(tmp_path: Path) -> None:
         while not (run / "checkpoints" / "2-policy-e0004.json").exists():
             assert proc.poll() is None, proc.stderr.read().decode()[-3000:] if proc.stderr else ""
             assert time.monotonic() < deadline, "no policy checkpoint within 300 s"
-            time.sleep(0.05)
+            time.sleep(0.02)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # every rank and the launcher
+        _kill_all(str(run))  # the launcher, torchrun and every rank (torchrun starts them in sessions of their own)
         proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"the run ended ({proc.returncode}) before it was killed"
     assert not (run / "metrics" / "test.json").exists()
     out = subprocess.run(
         [sys.executable, "-m", "routerkit", "train", "--resume", str(run), "--nproc", "2"],
@@ -115,7 +140,7 @@ def test_a_killed_two_process_run_resumes_to_the_end(tmp_path: Path) -> None:
     assert (run / "metrics" / "test.json").exists()
     log = [json.loads(line) for line in (run / "metrics" / "train_log.jsonl").read_text().splitlines()]
     epochs = [(r["stage"], r["epoch"]) for r in log if "warning" not in r]
-    assert len(epochs) == len(set(epochs)) == 1 + 1 + 60 + 1  # every epoch once, none lost, none twice
+    assert len(epochs) == len(set(epochs)) == 1 + 1 + 400 + 1  # every epoch once, none lost, none twice
 
 
 def test_the_optimal_stopping_cascade_fits_and_trains_jointly_in_two_processes(tmp_path: Path) -> None:
