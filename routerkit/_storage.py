@@ -11,9 +11,14 @@ tensor lives and leaves nothing behind, even after a crash. Values are bit-ident
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import math
+import mmap
 import os
+import sys
 import tempfile
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +26,14 @@ import torch
 from torch import Tensor
 
 __all__ = ["RowStore", "available_memory_bytes"]
+
+
+#: ``madvise`` advice dropping a range's pages from the process (for a shared file mapping they stay in the file).
+_MADV_DONTNEED = 4
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _cgroup_headroom() -> int | None:
@@ -83,6 +96,27 @@ class RowStore:
         if self.directory is not None and self.directory.exists() and not self.directory.is_dir():
             raise ValueError(f"Expected the spill directory {self.directory} to be a folder but it is a file.")
         self.spilled = False
+        self._mapped_tensors: list[weakref.ref[Tensor]] = []
+
+    def release(self) -> None:
+        """Drop this process's resident pages of the store's memory-mapped tables (Linux; a no-op elsewhere).
+
+        Their contents stay in the file (and the kernel's page cache); the next read maps them in
+        again. Called after each batch is written or read, it keeps the process's resident memory
+        at a batch's worth of a spilled table however large the table is.
+        """
+        if not self._mapped_tensors or not sys.platform.startswith("linux"):
+            return
+        live = [ref for ref in self._mapped_tensors if ref() is not None]
+        self._mapped_tensors = live
+        for ref in live:
+            tensor = ref()
+            if tensor is None:
+                continue
+            length = tensor.untyped_storage().nbytes()
+            length = -(-length // mmap.PAGESIZE) * mmap.PAGESIZE
+            with contextlib.suppress(OSError, AttributeError):
+                _libc().madvise(ctypes.c_void_p(tensor.untyped_storage().data_ptr()), ctypes.c_size_t(length), _MADV_DONTNEED)
 
     def budget_bytes(self) -> int:
         """The in-memory budget of one table, bytes."""
@@ -120,7 +154,8 @@ class RowStore:
             # Reserve the blocks now: a full disk is this clear error, not a SIGBUS when a page is first written.
             if hasattr(os, "posix_fallocate"):
                 os.posix_fallocate(fd, 0, nbytes)
-            tensor = torch.from_file(path, shared=True, size=numel, dtype=dtype)
+            tensor = torch.from_file(path, shared=True, size=numel, dtype=dtype).view(size)
+            self._mapped_tensors.append(weakref.ref(tensor))  # the table's own tensor: `release` while it lives
         except (OSError, RuntimeError) as err:
             raise OSError(
                 f"Could not map a {nbytes / 2**30:.2f} GiB spill file in {directory or tempfile.gettempdir()}: {err}. "
@@ -129,4 +164,4 @@ class RowStore:
         finally:
             os.close(fd)
             os.unlink(path)  # the mapping stays valid; the disk space is freed when the tensor is
-        return tensor.view(size)
+        return tensor

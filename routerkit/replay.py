@@ -100,6 +100,7 @@ def build_unit_table(
             out = store.allocate(len(data), {k: (tuple(v.shape[1:]), v.dtype) for k, v in rows.items()})
         for key, value in rows.items():
             out[key][idx] = value.cpu()
+        store.release()  # a spilled table: the rows just written leave this process's resident memory
     assert out is not None
     acct = pipeline.accountant
     unit_flops = torch.tensor([0, *acct.unit_flops[1:]], dtype=torch.float64)

@@ -131,6 +131,7 @@ class _ReplayedPolicy(Stage):
         logits = self.trainable("router", Method(self.router, "logits"))(cache.base.select(idx).to(device))
         actions = explore_exploit_sample(logits, alpha, self.draws)
         table = acc[idx].to(device)  # [B, P, A]
+        self.pipeline.row_store.release()  # a spilled table: the rows just read leave resident memory
         all_rewards = self.reward(table, table[..., :1].expand_as(table), costs.expand_as(table), lam)
         rewards = all_rewards.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
         expected = (torch.softmax(logits.detach(), -1) * all_rewards).sum(-1)
@@ -419,7 +420,11 @@ class PolicyFineTuning(_ReplayedPolicy):
             probs = policy_probs(self.router, base)
         else:  # a replay table spilled to disk: chunk by chunk on the router's device
             n, bs = base.probs.shape[0], self.cache_batch
-            probs = torch.cat([policy_probs(self.router, base.select(slice(s, s + bs)).to(device)) for s in range(0, n, bs)])
+            chunks = []
+            for s in range(0, n, bs):
+                chunks.append(policy_probs(self.router, base.select(slice(s, s + bs)).to(device)))
+                self.pipeline.row_store.release()
+            probs = torch.cat(chunks)
         if self.tvd_on == "probs":
             return probs
         return torch.nn.functional.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype)

@@ -410,6 +410,7 @@ class BaseModelPretraining(_CheckedPretraining):
                 if out is None:
                     out = self.pipeline.row_store.allocate(len(self.data), {"t": (tuple(logits.shape[1:]), logits.dtype)})["t"]
                 out[idx] = logits.cpu()
+                self.pipeline.row_store.release()  # spilled: the rows just written leave resident memory
             assert out is not None
             self._teacher = out
         return self._teacher
@@ -425,6 +426,7 @@ class BaseModelPretraining(_CheckedPretraining):
         batches = self.data.index_batches(bs, shuffle=True, generator=self.generator, shard=self.dist.part)
         for step, (idx, images, targets) in enumerate(batches):
             extra: tuple[Tensor, ...] = (teacher[idx].to(images.device),) if teacher is not None else ()
+            self.pipeline.row_store.release()  # spilled targets: the rows just read leave resident memory
             if self.augment:
                 images, targets, *rest = _augment(images, targets, self.draws, *extra)
                 extra = tuple(rest)
