@@ -34,14 +34,16 @@ def _torchrun(nproc: int, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
+def _env(tmp: Path) -> dict[str, str]:
+    """One thread per rank; temporary files (torchrun's, the loaders') under the test's own folder."""
+    (tmp / "tmp").mkdir(exist_ok=True)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests"), "TMPDIR": str(tmp / "tmp")}
 
 
 def test_two_ranks_end_pretraining_with_the_weights_of_one_process(tmp_path: Path) -> None:
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    subprocess.run([sys.executable, str(WORKER), str(one), "eager"], check=True, env=_env(), timeout=300)
-    subprocess.run(_torchrun(2, str(WORKER), str(two), "lazy"), check=True, env=_env(), timeout=300, capture_output=True)
+    subprocess.run([sys.executable, str(WORKER), str(one), "eager"], check=True, env=_env(tmp_path), timeout=300)
+    subprocess.run(_torchrun(2, str(WORKER), str(two), "lazy"), check=True, env=_env(tmp_path), timeout=300, capture_output=True)
     a, b = torch.load(one), torch.load(two)
     for key in a["zoo"]:
         assert torch.allclose(a["zoo"][key], b["zoo"][key], atol=1e-6, rtol=0), key
@@ -58,7 +60,7 @@ def _train(args: list[str], nproc: int, tmp_path: Path, name: str, timeout: floa
     cmd = [sys.executable, "-m", "routerkit", "train", *args, "--run-dir", str(run)]
     if nproc > 1:
         cmd += ["--nproc", str(nproc)]
-    out = subprocess.run(cmd, env=_env(), timeout=timeout, capture_output=True, text=True, cwd=tmp_path)
+    out = subprocess.run(cmd, env=_env(tmp_path), timeout=timeout, capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return run
 
@@ -114,7 +116,7 @@ def test_a_killed_two_process_run_resumes_to_the_end(tmp_path: Path) -> None:
     args = _overrides("training.policy.epochs=400")  # a long stage to be killed in
     cmd = [sys.executable, "-m", "routerkit", "train", *args, "--run-dir", str(run), "--nproc", "2"]
     proc = subprocess.Popen(
-        cmd, env=_env(), cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        cmd, env=_env(tmp_path), cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     deadline = time.monotonic() + 300
     try:
@@ -129,7 +131,7 @@ def test_a_killed_two_process_run_resumes_to_the_end(tmp_path: Path) -> None:
     assert not (run / "metrics" / "test.json").exists()
     out = subprocess.run(
         [sys.executable, "-m", "routerkit", "train", "--resume", str(run), "--nproc", "2"],
-        env=_env(),
+        env=_env(tmp_path),
         cwd=tmp_path,
         timeout=600,
         capture_output=True,
