@@ -13,7 +13,7 @@ from torch import Tensor
 from routerkit._storage import RowStore
 from routerkit.costs import CostModel
 from routerkit.executor import Execution, Executor, FlopAccountant
-from routerkit.functional import paid_counts
+from routerkit.functional import class_argmax, paid_counts
 from routerkit.models import Zoo
 from routerkit.partitioners import Partitioner
 from routerkit.routers.base import Router, RouterSpec
@@ -41,7 +41,7 @@ class RoutedOutput:
     @property
     def pred(self) -> Tensor:
         """Arg-max prediction ``[B, ...]``."""
-        return self.probs.argmax(1)
+        return class_argmax(self.probs, 1)
 
 
 class RoutedPipeline:

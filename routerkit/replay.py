@@ -14,7 +14,7 @@ from torch import Tensor
 
 from routerkit._storage import RowStore
 from routerkit.data import BaseSplit
-from routerkit.functional import confusion_counts, entropy
+from routerkit.functional import class_argmax, confusion_counts, entropy
 from routerkit.pipeline import RoutedPipeline
 from routerkit.rewards import AccuracyTerm
 from routerkit.routers import Router
@@ -84,7 +84,7 @@ def build_unit_table(
             loss.append(_unit_mean(nll, unit_targets, ignore_index))
             unc.append(_unit_mean(u, unit_targets, None))
             up.append(probs.flatten(2).mean(-1) if probs.dim() > 2 else probs)
-            conf.append(confusion_counts(probs.argmax(1), unit_targets, num_classes, ignore_index))
+            conf.append(confusion_counts(class_argmax(probs, 1), unit_targets, num_classes, ignore_index))
         shape = (batch, part.num_units, num_models)
         rows = {
             "acc": torch.stack(acc, -1).reshape(shape),

@@ -193,3 +193,18 @@ def test_reinforce_loss_negative_advantage_and_detach() -> None:
     assert advantages.grad is None  # advantages are detached
     with pytest.raises(ValueError, match="same shape"):
         reinforce_loss(torch.zeros(2), torch.zeros(3))
+
+
+@pytest.mark.parametrize("shape, dim", [((8, 3, 16, 20), 1), ((3, 16, 20), 0), ((50, 10), 1), ((2, 19, 8, 8), 1)])
+def test_class_argmax_is_argmax_with_ties_and_nans(shape: tuple[int, ...], dim: int) -> None:
+    from routerkit.functional import class_argmax
+
+    g = torch.Generator().manual_seed(0)
+    ties = torch.randint(0, 3, shape, generator=g).float()  # many equal maxima: the first one wins in both
+    assert torch.equal(class_argmax(ties, dim), ties.argmax(dim))
+    nans = torch.rand(shape, generator=g)
+    nans.view(-1)[::7] = float("nan")
+    assert torch.equal(class_argmax(nans, dim), nans.argmax(dim))
+    if len(shape) == 4:
+        cl = torch.rand(shape, generator=g).contiguous(memory_format=torch.channels_last)
+        assert torch.equal(class_argmax(cl, dim), cl.argmax(dim))

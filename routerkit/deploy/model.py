@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from routerkit.data.spec import DataSpec
 from routerkit.deploy.inputs import Input, as_inputs, pad_value
 from routerkit.deploy.tiling import Tiling
+from routerkit.functional import class_argmax
 from routerkit.metrics import seeded_rng
 from routerkit.pipeline import RoutedPipeline
 from routerkit.routers.base import Router
@@ -224,7 +225,7 @@ class RoutedModel(nn.Module):
             else:
                 full = p.tiling.stitch(pr)
                 unit_map = p.tiling.stitch(a.reshape(p.count, 1, *grid).float())[0].round().long()
-            preds.append(full.argmax(0))
+            preds.append(class_argmax(full, 0))
             acts.append(a.flatten() if p.tiling is not None else a[0])
             maps.append(unit_map)
             kept.append(full)

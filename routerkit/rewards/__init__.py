@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from routerkit._registry import Registry
-from routerkit.functional import per_region_iou
+from routerkit.functional import class_argmax, per_region_iou
 
 __all__ = [
     "ACCURACY_TERMS",
@@ -65,7 +65,7 @@ class UnitIoU(AccuracyTerm):
     """
 
     def _score(self, probs: Tensor, targets: Tensor) -> Tensor:
-        return per_region_iou(probs.argmax(1), targets, self.num_classes, self.ignore_index)
+        return per_region_iou(class_argmax(probs, 1), targets, self.num_classes, self.ignore_index)
 
 
 @ACCURACY_TERMS.register("correct")
@@ -73,7 +73,7 @@ class Correctness(AccuracyTerm):
     """Pixel (or sample) accuracy of each unit: 1 for a correct classification."""
 
     def _score(self, probs: Tensor, targets: Tensor) -> Tensor:
-        pred = probs.argmax(1)
+        pred = class_argmax(probs, 1)
         valid = torch.ones_like(targets, dtype=torch.bool) if self.ignore_index is None else targets != self.ignore_index
         hits = ((pred == targets) & valid).reshape(targets.shape[0], -1).float().sum(1)
         count = valid.reshape(targets.shape[0], -1).float().sum(1)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from routerkit.data import BaseSplit
-from routerkit.functional import confusion_counts, iou_from_confusion
+from routerkit.functional import class_argmax, confusion_counts, iou_from_confusion
 
 __all__ = ["Quality", "batch_norms", "model_quality", "recompute_bn_statistics"]
 
@@ -141,7 +141,7 @@ def model_quality(
                 if not isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.training = False
         for images, targets in split.batches(batch_size):
-            pred = forward(images).argmax(1)
+            pred = class_argmax(forward(images), 1)
             confusion += confusion_counts(pred.cpu().unsqueeze(0), targets.cpu().unsqueeze(0), num_classes, ignore_index)[0]
     finally:
         _restore_bn_state(layers, saved)

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from routerkit._registry import Registry
+from routerkit.functional import class_argmax
 
 
 @dataclass
@@ -39,7 +40,7 @@ class BaseOutput:
     @property
     def pred(self) -> Tensor:
         """Arg-max prediction ``[B, ...]``."""
-        return self.probs.argmax(dim=1)
+        return class_argmax(self.probs, 1)
 
     def state(self) -> Tensor:
         """Router input: probabilities and uncertainty stacked as channels ``[B, K + 1, ...]``."""
