@@ -102,6 +102,10 @@ def train(
     from routerkit.training.runner import train as run_train
 
     if nproc > 1:  # the same command in nproc processes, under torchrun
+        if config is not None:
+            _load(config, overrides)  # a bad config fails here, once, not in every rank
+        elif resume is not None and not (resume / "config.yaml").exists():
+            _fail(f"--resume {resume}: not a run directory (no config.yaml).")
         argv = ["train"] + ([str(config)] if config is not None else [])
         argv += [a for item in overrides or [] for a in ("-s", item)]
         argv += ["--resume", str(resume)] if resume is not None else []

@@ -359,7 +359,8 @@ class DatasetSplit(BaseSplit):
                 if self._classes is not None:
                     bad = _bad_targets(targets, *self._classes)
                     if bool(bad.any()):
-                        rows = sorted({int(idx[i]) for i in bad.reshape(bad.shape[0], -1).any(1).nonzero().flatten().tolist()})
+                        hit = bad.reshape(bad.shape[0], -1).any(1).nonzero().flatten().tolist()
+                        rows = sorted({_root_index(self.dataset, int(idx[i])) for i in hit})
                         raise _target_error(self.name, targets, bad, *self._classes, where=f" (samples {rows[:8]})")
                 fast = self.pin_memory
                 yield idx, images.to(self._device, non_blocking=fast), targets.to(self._device, non_blocking=fast)
@@ -406,13 +407,21 @@ class _Indexed(Dataset[tuple[int, Tensor, Tensor]]):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> tuple[int, Tensor, Tensor]:
-        image, target = _as_sample(self.dataset[index], self.name, index)
+        image, target = _as_sample(self.dataset[index], self.name, _root_index(self.dataset, index))
         if (tuple(image.shape), tuple(target.shape)) != self.shapes:
             raise ValueError(
                 f"Expected every sample of the {self.name} split to have an input of {self.shapes[0]} and a target of "
-                f"{self.shapes[1]} (as its first sample) but sample {index} has {tuple(image.shape)} and {tuple(target.shape)}."
+                f"{self.shapes[1]} (as its first sample) but sample {_root_index(self.dataset, index)} has "
+                f"{tuple(image.shape)} and {tuple(target.shape)}."
             )
         return index, image, target
+
+
+def _root_index(dataset: Dataset[Any], index: int) -> int:
+    """The position in the user's Dataset of item ``index`` of ``dataset`` (through the `Subset` of D_PT / D_RL / D_FT)."""
+    while isinstance(dataset, Subset):
+        index, dataset = int(dataset.indices[index]), dataset.dataset
+    return index
 
 
 def _collate(items: list[tuple[int, Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:

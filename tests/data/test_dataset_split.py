@@ -137,3 +137,15 @@ def test_pin_memory_follows_the_device_unless_given() -> None:
     auto, off = DatasetSplit(Pairs(images, targets)), DatasetSplit(Pairs(images, targets), pin_memory=False)
     assert not auto.pin_memory and auto.to("meta").pin_memory and not auto.to("meta").to("cpu").pin_memory
     assert not off.to("meta").pin_memory
+
+
+def test_errors_name_the_sample_of_the_users_dataset_through_the_paser_parts() -> None:
+    images, targets = _data()
+    targets[6, 1, 1] = 9
+    bundle = DataBundle(
+        DatasetSplit(Pairs(images, targets)), Split(images[:2], targets[:2]), Split(images[:2], targets[:2]), ["a", "b", "c"]
+    )
+    parts = paser_split(bundle.train, seed=0)
+    (holder,) = [p for p in parts.values() if 6 in p.dataset.indices]  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match=r"\(samples \[6\]\).*found \[9\]"):
+        list(holder.batches(2))
