@@ -92,7 +92,6 @@ class BaseSplit(ABC):
     def subset(self, index: Tensor) -> BaseSplit:
         """The samples at ``index`` (a LongTensor of positions), of the same kind."""
 
-    @abstractmethod
     def index_batches(
         self,
         batch_size: int,
@@ -103,9 +102,19 @@ class BaseSplit(ABC):
         """Yield ``(index, images, targets)`` mini-batches; ``index`` are the samples' positions.
 
         With ``shuffle``, the order is ``torch.randperm(len(self), generator=generator)``, the same
-        for every kind of split. With ``shard = (rank, world)`` each global batch of ``batch_size``
-        is cut as `shard_of` cuts it and only this rank's share is read and yielded.
+        for every kind of split, drawn when the first batch is asked for. With ``shard = (rank,
+        world)`` each global batch of ``batch_size`` is cut as `shard_of` cuts it and only this
+        rank's share is read and yielded.
         """
+        if batch_size < 1:
+            raise ValueError(f"Expected batch_size >= 1 but got {batch_size}.")
+        order = _order(len(self), shuffle, generator)
+        plan = [shard_of(order[s : s + batch_size], shard) for s in range(0, len(self), batch_size)]
+        yield from self._read(plan, shard)
+
+    @abstractmethod
+    def _read(self, plan: list[Tensor], shard: tuple[int, int] | None) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """Read the batches of ``plan`` (one tensor of positions per batch), in order, as ``(index, images, targets)``."""
 
     @abstractmethod
     def materialize(self, index: Tensor | None = None) -> Split:
@@ -212,18 +221,8 @@ class Split(BaseSplit):
     def materialize(self, index: Tensor | None = None) -> Split:
         return self if index is None else self.subset(index)
 
-    def index_batches(
-        self,
-        batch_size: int,
-        shuffle: bool = False,
-        generator: torch.Generator | None = None,
-        shard: tuple[int, int] | None = None,
-    ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        if batch_size < 1:
-            raise ValueError(f"Expected batch_size >= 1 but got {batch_size}.")
-        order = _order(len(self), shuffle, generator)
-        for start in range(0, len(self), batch_size):
-            idx = shard_of(order[start : start + batch_size], shard)
+    def _read(self, plan: list[Tensor], shard: tuple[int, int] | None) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        for idx in plan:
             on = idx.to(self.images.device)
             yield idx, self.images[on], self.targets[on]
 
@@ -342,18 +341,8 @@ class DatasetSplit(BaseSplit):
             generator=torch.Generator().manual_seed(seed),
         )
 
-    def index_batches(
-        self,
-        batch_size: int,
-        shuffle: bool = False,
-        generator: torch.Generator | None = None,
-        shard: tuple[int, int] | None = None,
-    ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        if batch_size < 1:
-            raise ValueError(f"Expected batch_size >= 1 but got {batch_size}.")
-        order = _order(len(self), shuffle, generator)
-        plan = [shard_of(order[s : s + batch_size], shard).tolist() for s in range(0, len(self), batch_size)]
-        batches = iter(self._loader(plan, shard))
+    def _read(self, plan: list[Tensor], shard: tuple[int, int] | None) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        batches = iter(self._loader([idx.tolist() for idx in plan], shard))
         try:
             for idx, images, targets in batches:
                 if self._classes is not None:
