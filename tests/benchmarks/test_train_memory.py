@@ -10,6 +10,7 @@ import pytest
 from _bench import load_script
 
 
+@pytest.mark.slow  # four trainings (~25 s on 2 cores): .ci/run runs it
 def test_the_memory_table_has_a_row_per_size_and_kind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -145,6 +145,7 @@ def test_a_killed_two_process_run_resumes_to_the_end(tmp_path: Path) -> None:
     assert len(epochs) == len(set(epochs)) == 1 + 1 + 400 + 1  # every epoch once, none lost, none twice
 
 
+@pytest.mark.slow  # .ci/run runs it
 def test_the_optimal_stopping_cascade_fits_and_trains_jointly_in_two_processes(tmp_path: Path) -> None:
     joint = [
         "router.name=optimal_stopping",
