@@ -139,7 +139,8 @@ def main() -> None:
     print(machine_line())
     print(
         f"data: Cityscapes-layout fixture at {args.height} x {args.width}, 19 classes; lazy runs: data.params.lazy=true, "
-        f"num_workers {args.workers}, run.cache_memory_gb {args.cache_gb}; one epoch per stage, every batch 2 inputs (training, replay cache, teacher logits, evaluation)\n"
+        f"num_workers {args.workers}, run.cache_memory_gb {args.cache_gb}; one epoch per stage, "
+        "every batch 2 inputs (training, replay cache, teacher logits, evaluation)\n"
     )
     print("| train images | splits | peak RSS MiB (VmHWM) | peak anonymous MiB | peak file-backed MiB | seconds |")
     print("|---|---|---|---|---|---|")
