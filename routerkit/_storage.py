@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import math
 import mmap
 import os
 import sys
 import tempfile
+import warnings
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +30,25 @@ from torch import Tensor
 __all__ = ["RowStore", "available_memory_bytes"]
 
 
+#: Spill folders already warned about being a tmpfs.
+_WARNED_TMPFS: set[Path] = set()
+
+
+def _file_system(folder: Path) -> str | None:
+    """The file-system type of the mount holding ``folder`` (``/proc/mounts``), if known."""
+    try:
+        target = folder.resolve()
+        best, kind = "", None
+        for line in Path("/proc/mounts").read_text().splitlines():
+            parts = line.split()
+            inside = len(parts) >= 3 and (str(target) == parts[1] or str(target).startswith(parts[1].rstrip("/") + "/"))
+            if inside and len(parts[1]) >= len(best):
+                best, kind = parts[1], parts[2]
+        return kind
+    except OSError:
+        return None
+
+
 #: ``madvise`` advice dropping a range's pages from the process (for a shared file mapping they stay in the file).
 _MADV_DONTNEED = 4
 
@@ -36,22 +57,52 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 
 
+def _own_cgroup_v2() -> Path:
+    """This process's cgroup v2 folder (``/proc/self/cgroup``'s ``0::/path``), else the root one."""
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            if line.startswith("0::"):
+                candidate = Path("/sys/fs/cgroup") / line[3:].lstrip("/")
+                if (candidate / "memory.max").exists():
+                    return candidate
+    except OSError:
+        pass
+    return Path("/sys/fs/cgroup")
+
+
+def _inactive_file(stat_file: Path, key: str) -> int:
+    """Reclaimable page cache the cgroup's usage counts (``inactive_file`` of ``memory.stat``), 0 if unknown."""
+    try:
+        for line in stat_file.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def _cgroup_headroom() -> int | None:
-    """What the process's cgroup (a container's memory limit) still allows, if it sets one."""
-    for limit_file, usage_file in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),  # v1
+    """What the process's cgroup (a container's memory limit) still allows, if it sets one.
+
+    Usage less the reclaimable page cache it counts (the spill files' own pages, cached data files).
+    """
+    v2 = _own_cgroup_v2()
+    v1 = Path("/sys/fs/cgroup/memory")
+    for limit_file, usage_file, stat_file, key in (
+        (v2 / "memory.max", v2 / "memory.current", v2 / "memory.stat", "inactive_file"),
+        (v1 / "memory.limit_in_bytes", v1 / "memory.usage_in_bytes", v1 / "memory.stat", "total_inactive_file"),
     ):
         try:
-            limit_text = Path(limit_file).read_text().strip()
+            limit_text = limit_file.read_text().strip()
             if limit_text == "max":
                 return None
-            limit, usage = int(limit_text), int(Path(usage_file).read_text().strip())
+            limit, usage = int(limit_text), int(usage_file.read_text().strip())
         except (OSError, ValueError):
             continue
         if limit >= 1 << 60:  # v1's "no limit"
             return None
-        return max(limit - usage, 0)
+        return max(limit - max(usage - _inactive_file(stat_file, key), 0), 0)
     return None
 
 
@@ -96,7 +147,8 @@ class RowStore:
         if self.directory is not None and self.directory.exists() and not self.directory.is_dir():
             raise ValueError(f"Expected the spill directory {self.directory} to be a folder but it is a file.")
         self.spilled = False
-        self._mapped_tensors: list[weakref.ref[Tensor]] = []
+        #: Each mapped table tensor with the address and length of its mapping when it was made.
+        self._mapped_tensors: list[tuple[weakref.ref[Tensor], int, int]] = []
 
     def release(self) -> None:
         """Drop this process's resident pages of the store's memory-mapped tables (Linux; a no-op elsewhere).
@@ -107,16 +159,19 @@ class RowStore:
         """
         if not self._mapped_tensors or not sys.platform.startswith("linux"):
             return
-        live = [ref for ref in self._mapped_tensors if ref() is not None]
-        self._mapped_tensors = live
-        for ref in live:
+        self._mapped_tensors = [entry for entry in self._mapped_tensors if entry[0]() is not None]
+        for ref, address, length in self._mapped_tensors:
             tensor = ref()
-            if tensor is None:
+            # only the mapping made for it: a tensor given other storage since (set_, .data =) is left alone
+            if tensor is None or tensor.untyped_storage().data_ptr() != address:
                 continue
-            length = tensor.untyped_storage().nbytes()
-            length = -(-length // mmap.PAGESIZE) * mmap.PAGESIZE
             with contextlib.suppress(OSError, AttributeError):
-                _libc().madvise(ctypes.c_void_p(tensor.untyped_storage().data_ptr()), ctypes.c_size_t(length), _MADV_DONTNEED)
+                _libc().madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), _MADV_DONTNEED)
+
+    def holds(self, tensor: Tensor) -> bool:
+        """Whether ``tensor`` is (a view of) one of this store's memory-mapped tables."""
+        address = tensor.untyped_storage().data_ptr()
+        return any(ref() is not None and start == address for ref, start, _ in self._mapped_tensors)
 
     def budget_bytes(self) -> int:
         """The in-memory budget of one table, bytes."""
@@ -145,6 +200,14 @@ class RowStore:
         directory = self.directory
         if directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
+        folder = directory or Path(tempfile.gettempdir())
+        if _file_system(folder) == "tmpfs" and folder not in _WARNED_TMPFS:
+            _WARNED_TMPFS.add(folder)
+            warnings.warn(
+                f"Spilling a table to {folder}, a tmpfs: its files live in memory, not on disk. Set run.cache_dir to a "
+                "folder on a disk.",
+                stacklevel=3,
+            )
         numel = math.prod(size)
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
         fd, path = tempfile.mkstemp(prefix="routerkit-rows-", suffix=".bin", dir=directory)
@@ -153,9 +216,14 @@ class RowStore:
                 return torch.empty(size, dtype=dtype)
             # Reserve the blocks now: a full disk is this clear error, not a SIGBUS when a page is first written.
             if hasattr(os, "posix_fallocate"):
-                os.posix_fallocate(fd, 0, nbytes)
+                try:
+                    os.posix_fallocate(fd, 0, nbytes)
+                except OSError as err:  # a file system without it: map the file unreserved
+                    if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                        raise
             tensor = torch.from_file(path, shared=True, size=numel, dtype=dtype).view(size)
-            self._mapped_tensors.append(weakref.ref(tensor))  # the table's own tensor: `release` while it lives
+            length = -(-tensor.untyped_storage().nbytes() // mmap.PAGESIZE) * mmap.PAGESIZE
+            self._mapped_tensors.append((weakref.ref(tensor), tensor.untyped_storage().data_ptr(), length))
         except (OSError, RuntimeError) as err:
             raise OSError(
                 f"Could not map a {nbytes / 2**30:.2f} GiB spill file in {directory or tempfile.gettempdir()}: {err}. "

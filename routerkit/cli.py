@@ -101,19 +101,6 @@ def train(
     from routerkit.config import ConfigError
     from routerkit.training.runner import train as run_train
 
-    if nproc > 1:  # the same command in nproc processes, under torchrun
-        if config is not None:
-            _load(config, overrides)  # a bad config fails here, once, not in every rank
-        elif resume is not None and not (resume / "config.yaml").exists():
-            _fail(f"--resume {resume}: not a run directory (no config.yaml).")
-        argv = ["train"] + ([str(config)] if config is not None else [])
-        argv += [a for item in overrides or [] for a in ("-s", item)]
-        argv += ["--resume", str(resume)] if resume is not None else []
-        argv += ["--run-dir", str(run_dir)] if run_dir is not None else []
-        argv += ["--trust-remote-code"] * trust_remote_code + ["--overwrite"] * overwrite
-        _launch_distributed(nproc, argv)
-        return
-
     if resume is not None:
         extra = {"CONFIG": config is not None, "-s/--set": bool(overrides), "--run-dir": run_dir is not None}
         given = [name for name, present in {**extra, "--overwrite": overwrite}.items() if present]
@@ -127,7 +114,17 @@ def train(
         _fail("give a CONFIG file to train, or --resume RUN_DIR to continue a run.")
         return
     else:
-        cfg = _load(config, overrides)
+        cfg = _load(config, overrides)  # with --nproc: a bad config fails here, once, not in every rank
+    if nproc > 1:  # the same command in nproc processes, under torchrun
+        if resume is not None and not (resume / "config.yaml").exists():
+            _fail(f"--resume {resume}: not a run directory (no config.yaml).")
+        argv = ["train"] + ([str(config)] if config is not None else [])
+        argv += [a for item in overrides or [] for a in ("-s", item)]
+        argv += ["--resume", str(resume)] if resume is not None else []
+        argv += ["--run-dir", str(run_dir)] if run_dir is not None else []
+        argv += ["--trust-remote-code"] * trust_remote_code + ["--overwrite"] * overwrite
+        _launch_distributed(nproc, argv)
+        return
     plugin_dirs = [str(config.parent.resolve())] if config is not None else []
     try:
         path, _ = run_train(

@@ -109,3 +109,27 @@ def test_release_drops_the_resident_pages_of_a_spilled_table_and_keeps_its_value
     assert written - before > 48 * 1024 and written - released > 48 * 1024
     assert float(rows[7].mean()) == 2.0 and float(rows.sum()) == 2.0 * rows.numel()  # read back from the file
     RowStore(memory_gb=None).release()  # nothing mapped: a no-op
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs a tmpfs at /dev/shm")
+def test_a_spill_folder_on_tmpfs_is_warned_about_once() -> None:
+    import routerkit._storage as storage
+
+    if storage._file_system(Path("/dev/shm")) != "tmpfs":
+        pytest.skip("/dev/shm is not a tmpfs here")
+    storage._WARNED_TMPFS.discard(Path("/dev/shm"))
+    with pytest.warns(UserWarning, match="tmpfs: its files live in memory"):
+        RowStore(memory_gb=0, directory="/dev/shm").allocate(2, {"a": ((4,), torch.float32)})
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RowStore(memory_gb=0, directory="/dev/shm").allocate(2, {"a": ((4,), torch.float32)})
+
+
+def test_holds_tells_the_stores_mapped_tables() -> None:
+    disk, memory = RowStore(memory_gb=0), RowStore(memory_gb=1.0)
+    mapped = disk.allocate(3, {"a": ((2,), torch.float32)})["a"]
+    plain = memory.allocate(3, {"a": ((2,), torch.float32)})["a"]
+    assert disk.holds(mapped) and disk.holds(mapped[1:]) and not disk.holds(plain) and not memory.holds(plain)
+    assert not disk.holds(mapped[[0, 2]])  # an indexed copy is in memory

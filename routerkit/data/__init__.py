@@ -112,9 +112,12 @@ class BaseSplit(ABC):
         plan = [shard_of(order[s : s + batch_size], shard) for s in range(0, len(self), batch_size)]
         yield from self._read(plan, shard)
 
-    @abstractmethod
     def _read(self, plan: list[Tensor], shard: tuple[int, int] | None) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        """Read the batches of ``plan`` (one tensor of positions per batch), in order, as ``(index, images, targets)``."""
+        """Read the batches of ``plan`` (one tensor of positions per batch), in order, as ``(index, images, targets)``.
+
+        A kind of split implements this, or `index_batches` itself.
+        """
+        raise NotImplementedError(f"{type(self).__name__} implements neither _read nor index_batches.")
 
     @abstractmethod
     def materialize(self, index: Tensor | None = None) -> Split:

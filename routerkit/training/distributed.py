@@ -146,8 +146,8 @@ class Distributed:
         """
         if not self.enabled:
             return values.mean()
-        t = torch.stack([values.detach().sum().double() * weight, torch.tensor(values.numel() * weight, dtype=torch.float64)])
-        t = t.to(self._device())
+        total = values.detach().sum().double().to(self._device()) * weight
+        t = torch.stack([total, torch.tensor(values.numel() * weight, dtype=torch.float64, device=self._device())])
         dist.all_reduce(t)
         return (t[0] / t[1].clamp_min(1.0)).to(values.dtype).to(values.device)
 
@@ -278,9 +278,10 @@ def _die_with_launcher() -> None:
     if not sys.platform.startswith("linux"):
         return
     with contextlib.suppress(OSError, AttributeError):
+        parent = os.getppid()
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the launcher died before the call
+        if os.getppid() != parent:  # the launcher died before the call (a launcher may itself be PID 1)
             os.kill(os.getpid(), signal.SIGTERM)
 
 

@@ -416,9 +416,9 @@ class PolicyFineTuning(_ReplayedPolicy):
     def _policy(self, base: BaseOutput) -> Tensor:
         """The policy as the TVD compares it: greedy decisions one-hot (``tvd_on="decisions"``) or its probabilities."""
         device = next(self.router.parameters()).device
-        if base.probs.device == device:
+        if not self.pipeline.row_store.holds(base.probs):
             probs = policy_probs(self.router, base)
-        else:  # a replay table spilled to disk: chunk by chunk on the router's device
+        else:  # a replay table spilled to disk: chunk by chunk on the router's device, each chunk released
             n, bs = base.probs.shape[0], self.cache_batch
             chunks = []
             for s in range(0, n, bs):
@@ -472,6 +472,6 @@ def replay_cache(pipeline: RoutedPipeline, accuracy: AccuracyTerm, data: BaseSpl
 
     device = data.device
     table = build_unit_table(pipeline, accuracy, data, accuracy.num_classes, batch_size, accuracy.ignore_index, device)
-    if pipeline.row_store.spilled:  # memory-mapped: stays on the CPU; each batch goes to the device (`update`)
+    if pipeline.row_store.holds(table.base.probs):  # memory-mapped: stays on the CPU; each batch goes to the device
         return table
     return table.to(device)

@@ -116,8 +116,17 @@ def _build_on_every_rank(cfg: ExperimentConfig) -> Experiment:
     dist = distributed()
     if not dist.enabled:
         return build_experiment(cfg)
-    exp = build_experiment(cfg) if dist.is_main else None
-    cost = dist.broadcast(exp.config.cost if exp is not None else None)
+    exp, failure = None, None
+    if dist.is_main:
+        try:
+            exp = build_experiment(cfg)
+        except Exception as err:  # every rank learns of it (the others would wait in the broadcast)
+            failure = err
+    cost, message = dist.broadcast((exp.config.cost if exp is not None else None, str(failure) if failure else None))
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise ConfigError(f"rank 0 could not build the experiment: {message}")
     if exp is None:  # the same config as rank 0, with what it measured (nothing is measured again)
         exp = build_experiment(cfg.model_copy(update={"cost": cost}))
     dist.split_global_rng()
