@@ -14,6 +14,7 @@ Data plugins return a `DataBundle`; see `routerkit.data.folder` for image folder
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -245,8 +246,8 @@ class DatasetSplit(BaseSplit):
     `BaseSplit.index_batches` defines, so a `DatasetSplit` and a `Split` of the same samples give
     the same batches. Only one batch is held at a time: memory does not grow with the data set.
 
-    Every batch is checked against the first item's shapes and, once the split belongs to a
-    `DataBundle`, its targets against the class ids, with an error naming the split and samples.
+    Every item is checked against the first item's shapes and, once the split belongs to a
+    `DataBundle`, every batch's targets against the class ids, with an error naming the split and samples.
 
     Args:
         dataset: The samples (any map-style ``Dataset`` with ``__len__``).
@@ -307,11 +308,10 @@ class DatasetSplit(BaseSplit):
         return self._device
 
     def _like(self, dataset: Dataset[Any], meta: dict[str, Tensor], device: torch.device | None = None) -> DatasetSplit:
-        out = DatasetSplit.__new__(DatasetSplit)
-        out.dataset, out.num_workers, out.name, out.pin_memory = dataset, self.num_workers, self.name, self.pin_memory
-        out._pin_default = self._pin_default
+        """A copy of this split's settings (workers, pinning, shapes, class check) over ``dataset``, not read again."""
+        out = copy.copy(self)
+        out.dataset, out.meta, out._passes = dataset, meta, 0
         out._device = self._device if device is None else device
-        out.meta, out._classes, out._shapes, out._passes = meta, self._classes, self._shapes, 0
         return out
 
     def to(self, device: torch.device | str) -> DatasetSplit:
@@ -322,7 +322,7 @@ class DatasetSplit(BaseSplit):
         return out
 
     def subset(self, index: Tensor) -> DatasetSplit:
-        rows = [int(i) for i in index.reshape(-1).tolist()]
+        rows = index.reshape(-1).tolist()
         meta = {k: v[index.to(v.device)] for k, v in self.meta.items()}
         return self._like(Subset(self.dataset, rows), meta)
 

@@ -9,6 +9,7 @@ stop policies and the classifiers ``f_1..f_m`` together, live, as Guan et al. (2
 from __future__ import annotations
 
 from collections.abc import Collection
+from functools import partial
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
@@ -407,7 +408,7 @@ class JointCascadeTraining(Stage):
         paid = paid_cost(final, costs, cascade=True)
         per_unit_loss = unit_loss.detach() if self.loss == "ce" else 1.0 - unit_acc
         reward = -per_unit_loss - self.alpha * paid
-        advantage = reward - reward_baseline("mean", reward, mean=lambda r: self.dist.mean(r, self._share))
+        advantage = reward - reward_baseline("mean", reward, mean=partial(self.dist.mean, weight=self._share))
         if self.loss == "ce":
             objective = reinforce_loss(log_pi, advantage) + unit_loss.mean()
         else:
@@ -431,14 +432,14 @@ class JointCascadeTraining(Stage):
         for step, (images, targets) in enumerate(batches):
             images, targets = images.to(device), targets.to(device)
             total = min(bs, n - step * bs)
-            self._share = float(self.dist.local_count(total) > 0)  # 0: this rank only repeats an input
+            self._share = self.dist.counts(total)  # 0: this rank only repeats an input
             self._set_modes()
             objective, logs = self.batch_objective(images, targets)
             for optimizer in self.optimizers.values():
                 optimizer.zero_grad(set_to_none=True)
             # Which units reach a classifier depends on the sampled stops, so a rank may run one on none:
             # gradients are all-reduced by hand (summed), each rank's mean weighted by its share of the batch.
-            (objective * (self.dist.local_count(total) / total if self.dist.enabled else 1.0)).backward()
+            (objective * (self.dist.local_count(total) / total)).backward()  # 1 in one process
             for optimizer in self.optimizers.values():
                 self.dist.sync_gradients(p for group in optimizer.param_groups for p in group["params"])
                 optimizer.step()

@@ -14,8 +14,9 @@ Gradients are all-reduced before every optimiser step:
   decisions (the joint fine-tune trains ``f_i`` only on the units routed to it, so a rank may run it
   on none; a DDP forward would then wait for it forever).
 
-Either way a rank's loss is a mean over its shard scaled by `Distributed.loss_scale`, so the
-all-reduced gradient is that of the mean over the global batch, as in one process. Random draws
+Either way a rank's mean loss over its shard is weighted by its share of the global batch
+(`Distributed.loss_scale`, or by counts summed over the ranks), so the all-reduced gradient is that
+of the mean over the global batch, as in one process. Random draws
 per sample (augmentation, sampled actions) come from a per-rank generator (`Distributed.draws`).
 Rank 0 alone writes checkpoints, logs, tables and figures; the others only train.
 
@@ -79,7 +80,12 @@ class Distributed:
         """Inputs of a global batch of ``total`` that are this rank's (`routerkit.data.shard_of`; 0 if none)."""
         if not self.enabled:
             return total
-        return int(torch.tensor_split(torch.arange(total), self.world_size)[self.rank].numel())
+        share, extra = divmod(total, self.world_size)  # the sizes torch.tensor_split gives: the first `extra` get one more
+        return share + (self.rank < extra)
+
+    def counts(self, total: int) -> float:
+        """1.0 if this rank holds inputs of a global batch of ``total``, 0.0 if it only repeats one (`shard_of`)."""
+        return float(self.local_count(total) > 0)
 
     def loss_scale(self, total: int) -> float:
         """Factor of this rank's mean loss so that DDP's averaged gradient is the mean over the global batch.
@@ -107,8 +113,8 @@ class Distributed:
         """All-reduce (sum) the gradients of ``parameters`` over the ranks; a missing gradient counts as zero.
 
         Every rank must call it for the same parameters, in the same order, also when it computed
-        no gradient for them. Scale each rank's loss by `loss_scale` with the step's summed counts
-        (`all_sum`) so that the sum is the global mean's gradient.
+        no gradient for them. Weight each rank's mean loss by its count over the count summed over
+        the ranks (`all_sum`), so that the sum is the gradient of the mean over all of them.
         """
         if not self.enabled:
             return

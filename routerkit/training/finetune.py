@@ -173,7 +173,7 @@ class JointFineTuning(Stage):
             # all-reduced by hand (DDP would wait for a forward that never comes), each rank's mean
             # weighted by its share of the units all ranks routed to the model.
             logs: dict[str, float] = {}
-            weight = 0.0 if self.dist.local_count(total) == 0 else 1.0  # a rank that only repeats an input
+            weight = self.dist.counts(total)  # 0: this rank only repeats an input
             for i in self.trained:
                 key = zoo.names[i]
                 z: Tensor | None = None
@@ -195,7 +195,7 @@ class JointFineTuning(Stage):
                 self.optimizers[key].zero_grad(set_to_none=True)
                 if z is not None and count:
                     loss_i = _ce(z.float(), unit_targets[idx], self.ignore_index)
-                    (loss_i * (count / routed if self.dist.enabled else 1.0)).backward()
+                    (loss_i * (count / routed)).backward()  # 1 in one process
                     logs[f"losses/ce_{key}"] = float(loss_i.detach())
                 self.dist.sync_gradients(zoo[i].parameters())
                 self.optimizers[key].step()

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -139,8 +140,8 @@ class _ReplayedPolicy(Stage):
             loss, logs = expected_reward_loss(logits, all_rewards, self.entropy_coef)
         else:
             weights = importance_weights(logits, actions, alpha) if self.importance_weighting else None
-            weight = float(self.dist.local_count(total) > 0)
-            baseline = reward_baseline(self.baseline, rewards, expected, mean=lambda r: self.dist.mean(r, weight))
+            mean = partial(self.dist.mean, weight=self.dist.counts(total))
+            baseline = reward_baseline(self.baseline, rewards, expected, mean=mean)
             loss, logs = policy_gradient_loss(logits, actions, rewards, baseline, self.credit, self.entropy_coef, weights)
         self.optimizers["router"].zero_grad(set_to_none=True)
         (loss * self.dist.loss_scale(total)).backward()

@@ -438,11 +438,8 @@ class BaseModelPretraining(_CheckedPretraining):
             ce = _ce(logits, targets, self.ignore_index)
             kd = F.mse_loss(logits, extra[0]) if extra else logits.new_zeros(())
             self.optimizers["f0"].zero_grad(set_to_none=True)
-            if self.dist.enabled:  # CE over the global batch's valid pixels, the distillation over its inputs
-                total = min(bs, n - step * bs)
-                loss = ce * self.valid_share(targets, self.ignore_index, total) + self.beta * kd * self.dist.loss_scale(total)
-            else:
-                loss = ce + self.beta * kd
+            total = min(bs, n - step * bs)  # the CE over the global batch's valid pixels, the distillation over its inputs
+            loss = ce * self.valid_share(targets, self.ignore_index, total) + self.beta * kd * self.dist.loss_scale(total)
             loss.backward()
             self.optimizers["f0"].step()
             local = self.dist.local_count(min(bs, n - step * bs))
