@@ -20,9 +20,9 @@ def class_argmax(scores: Tensor, dim: int = 1) -> Tensor:
     """The index of the largest score along ``dim`` (the class axis), as ``Tensor.argmax(dim)``.
 
     Computed as ``scores.max(dim).indices``: the same indices (the first maximum on ties, NaN as
-    the maximum), but one reduction that torch's CPU kernels run far faster than ``argmax`` over a
-    dimension that is not the innermost one (the class axis of ``[B, K, H, W]`` masks): see
-    benchmarks/README.md (serve_load.py).
+    the maximum) by another CPU kernel; ``argmax`` over a dimension that is not the innermost one
+    (the class axis of ``[B, K, H, W]`` masks) was the slowest op of assembling a prediction under
+    a profiler (benchmarks/README.md, serve_load.py).
     """
     return scores.max(dim).indices
 
