@@ -25,13 +25,15 @@ routed-vs-largest throughput ratio; then whether issue 14's target is met (route
 least 2x always-largest, no failed request: meant for the default battery run on a CPU). Exits
 non-zero when a request failed.
 
-Client and server share one Python process (as in the serve tests): the client threads' HTTP and
-JSON work takes the GIL from the server's event loop, the same for both deployments; the model
-itself runs in the batcher's worker thread, where torch releases the GIL.
+The client runs in a process of its own (``--client process``, the default; a spawned child, as
+a load generator such as ``wrk`` would be) and shares only the cores with the server, not its
+GIL. ``--client thread`` sends from threads of the server's process instead (as in the serve
+tests): their HTTP and JSON work then takes the GIL from the server's event loop, the same for
+both deployments, which dilutes the ratio.
 
 Usage:
     python benchmarks/serve_load.py RUN_DIR [--requests 400] [--concurrency 8] [--max-batch 32] [--max-wait-ms 10]
-        [--threads N] [--warmup 20] [--checkpoint NAME] [--format json|png]
+        [--threads N] [--warmup 20] [--checkpoint NAME] [--format json|png] [--client process|thread]
 """
 
 from __future__ import annotations
@@ -41,12 +43,14 @@ import contextlib
 import http.client
 import io
 import json
+import multiprocessing
 import re
 import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -322,6 +326,25 @@ def batch_counts(port: int, timeout_s: float = 30.0) -> tuple[float, float]:
     return values["sum"], values["count"]
 
 
+#: How `measure` sends a list of bodies: ``(port, bodies, concurrency, path, timeout_s) -> (outcomes, seconds)``.
+Sender = Callable[[int, Sequence[Body], int, str, float], tuple[list[Outcome], float]]
+
+
+@contextlib.contextmanager
+def client_process() -> Iterator[Sender]:
+    """A `Sender` that runs `send_all` in a spawned child process (started once, reused), stopped after.
+
+    The child imports this module once before it is used, so no request waits for its start.
+    """
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool.submit(time.sleep, 0).result()  # start the child and import its modules before any request
+
+        def send(port: int, bodies: Sequence[Body], concurrency: int, path: str, timeout_s: float) -> tuple[list[Outcome], float]:
+            return pool.submit(send_all, port, list(bodies), concurrency, path, timeout_s).result()
+
+        yield send
+
+
 def measure(
     name: str,
     model: RoutedModel,
@@ -332,13 +355,14 @@ def measure(
     concurrency: int,
     path: str,
     timeout_s: float,
+    sender: Sender = send_all,
 ) -> Row:
-    """One deployment: a fresh server, the warm-up requests, then the measured ones; its `Row`."""
+    """One deployment: a fresh server, the warm-up requests, then the measured ones (sent by ``sender``); its `Row`."""
     with live_server(model, settings, source) as port:
         if warmup:
-            send_all(port, warmup, concurrency, path, timeout_s)
+            sender(port, warmup, concurrency, path, timeout_s)
         sum0, count0 = batch_counts(port)
-        outcomes, seconds = send_all(port, bodies, concurrency, path, timeout_s)
+        outcomes, seconds = sender(port, bodies, concurrency, path, timeout_s)
         sum1, count1 = batch_counts(port)
     good = [o for o in outcomes if o.ok]
     latencies = 1000.0 * np.asarray([o.latency_s for o in good]) if good else np.full(1, np.nan)
@@ -414,6 +438,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--checkpoint", help="checkpoint name, e.g. 'calibrated' (default: the final one)")
     parser.add_argument("--format", choices=("json", "png"), default="json", help="answer format (default: json)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take (default: 120)")
+    parser.add_argument(
+        "--client",
+        choices=("process", "thread"),
+        default="process",
+        help="send from a process of its own (default) or from threads of the server's process",
+    )
     parser.add_argument("--trust-remote-code", action="store_true", help="import the plugin code of a run not trained here")
     args = parser.parse_args(argv)
     for flag, least in (("requests", 1), ("concurrency", 1), ("max_batch", 1), ("threads", 1), ("warmup", 0)):
@@ -452,16 +482,18 @@ def main(argv: list[str] | None = None) -> list[Row]:
     )
     print(f"server: 127.0.0.1, in-process uvicorn | max batch {args.max_batch}, max wait {args.max_wait_ms:g} ms | POST {path}")
     print(
-        f"client: {args.requests} requests per deployment at concurrency {args.concurrency} (http.client threads, keep-alive) "
+        f"client: {args.requests} requests per deployment at concurrency {args.concurrency} (http.client threads, keep-alive, "
+        f"{'in a process of their own' if args.client == 'process' else 'in the server process'}) "
         f"after {args.warmup} warm-up requests | inputs: {inputs}"
     )
     print(f"always largest: every unit to {names[costliest(routed)]} (SingleModelRouter; f_0 does not run)\n")
 
     t0 = time.perf_counter()
-    rows = [
-        measure(name, model, settings, source, measured, warmup, args.concurrency, path, args.timeout)
-        for name, model in models.items()
-    ]
+    with client_process() if args.client == "process" else contextlib.nullcontext(send_all) as sender:
+        rows = [
+            measure(name, model, settings, source, measured, warmup, args.concurrency, path, args.timeout, sender)
+            for name, model in models.items()
+        ]
     print_table(rows)
     failures = sum(r.failures for r in rows)
     speed_up = ratio(rows)

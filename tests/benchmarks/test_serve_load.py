@@ -68,12 +68,16 @@ def test_serve_load_on_a_tiny_run(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert "failure (" not in out
     assert _digest(run_dir) == before, "the script must not write to the run directory"
 
-    # Runs of other data: random model-space inputs as JSON bodies.
+    assert "in a process of their own" in out  # the default client: a spawned child process
+
+    # Runs of other data: random model-space inputs as JSON bodies; the client in the server's process.
     monkeypatch.setattr(script, "is_battery_run", lambda parts: False)
-    rows = script.main([*argv[:3], "--requests", "4", "--concurrency", "2", "--warmup", "0", "--format", "png"])
+    extra = ["--requests", "4", "--concurrency", "2", "--warmup", "0", "--format", "png", "--client", "thread"]
+    rows = script.main([*argv[:3], *extra])
     out = capsys.readouterr().out
     assert [(r.requests, r.failures) for r in rows] == [(4, 0), (4, 0)]
     assert "random model-space inputs" in out and "JSON bodies" in out and "format=png" in out
+    assert "in the server process" in out
 
 
 def test_serve_load_refuses_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
